@@ -1,0 +1,146 @@
+"""DDAE (Fig. 1): the encoder, the two shared decoders, beta, and the loss of eq. 6.
+
+Parameters are a plain dict:
+  encoder:          ViTEncoder (online, theta)
+  pixel_decoder:    d_phi_p, 2 blocks x 512 -> patch pixels      (if pixel.enabled)
+  distill_decoder:  d_phi_d, 2 blocks x D   -> encoder features  (if distill.enabled)
+  beta:             {"shared": [K]} or {"pixel": [K], "distill": [K]} (if dds.dynamic)
+The momentum encoder (theta') is a second copy of `encoder` held by the train
+state and only ever changed by eq. 4.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ddae_jax import config_lib
+from ddae_jax.models.decoder import Decoder, decode_per_block
+from ddae_jax.models.vit import ViTEncoder
+from ddae_jax.objectives import ddae as objective
+from ddae_jax.objectives.dynamic_weights import loss_weights, weight_l2_norm
+from ddae_jax.objectives.masking import num_masked, visible_and_masked_ids
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalize_images(images: jax.Array) -> jax.Array:
+  """uint8 [B, H, W, 3] in 0..255 (or float in [0, 1]) -> ImageNet-standardised float32."""
+  x = images.astype(jnp.float32)
+  if images.dtype == jnp.uint8:
+    x = x / 255.0
+  return (x - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
+
+
+class DDAE:
+  """Builds the modules of a config and computes the pretraining loss."""
+
+  def __init__(self, config):
+    self.config = config
+    width, depth, heads = config_lib.encoder_dims(config)
+    dtype = jnp.dtype(config.model.dtype)
+    attn = config.model.attention_impl or None
+    self.grid = config_lib.grid_size(config)
+    self.num_patches = self.grid[0] * self.grid[1]
+    self.blocks = config_lib.supervised_blocks(config)
+    self.block_weights = config_lib.block_weights(config)
+    self.beta_branches = config_lib.beta_branches(config)
+    self.encoder = ViTEncoder(
+        patch_size=config.model.patch_size, width=width, depth=depth, num_heads=heads,
+        feature_blocks=self.blocks, feature_norm=config.model.feature_norm, dtype=dtype,
+        attention_impl=attn, remat=config.model.remat)
+    p = config.pixel
+    self.pixel_decoder = Decoder(
+        width=p.decoder_width, depth=p.decoder_depth, num_heads=p.decoder_heads,
+        out_dim=config.model.patch_size ** 2 * 3, dtype=dtype, attention_impl=attn,
+        remat=config.model.remat) if p.enabled else None
+    self.distill_decoder = Decoder(
+        width=width, depth=config.distill.decoder_depth, num_heads=heads, out_dim=width,
+        dtype=dtype, attention_impl=attn,
+        remat=config.model.remat) if config.distill.enabled else None
+
+  def num_visible(self) -> int:
+    return self.num_patches - num_masked(self.config.masking.ratio, self.grid)
+
+  def init(self, rng: jax.Array) -> dict:
+    """Fresh parameters (float32)."""
+    size = self.config.model.image_size
+    images = jnp.zeros((1, size, size, 3), jnp.float32)
+    k_enc, k_pix, k_dis = jax.random.split(rng, 3)
+    params = {"encoder": self.encoder.init(k_enc, images)["params"]}
+    out = self.encoder.apply({"params": params["encoder"]}, images)
+    ids_restore = jnp.arange(self.num_patches, dtype=jnp.int32)[None]
+    if self.pixel_decoder is not None:
+      params["pixel_decoder"] = self.pixel_decoder.init(
+          k_pix, out["final"], ids_restore, self.grid)["params"]
+    if self.distill_decoder is not None:
+      params["distill_decoder"] = self.distill_decoder.init(
+          k_dis, out["final"], ids_restore, self.grid)["params"]
+    if self.beta_branches:
+      init = jnp.asarray(config_lib.beta_init(self.config))
+      params["beta"] = {b: init for b in self.beta_branches}
+    return params
+
+  def encode(self, encoder_params, images, ids_keep=None) -> dict:
+    """The encoder on visible patches (ids_keep) or all of them (None)."""
+    return self.encoder.apply({"params": encoder_params}, images, ids_keep)
+
+  def _weights(self, params, branch, distance, mask):
+    """Loss weights [B, K, N] for one branch: eq. 2 rescaled, or uniform."""
+    if not self.beta_branches:
+      return jnp.broadcast_to(mask[:, None, :], (mask.shape[0], len(self.blocks),
+                                                 mask.shape[1])).astype(jnp.float32)
+    beta = params["beta"][branch if branch in params["beta"] else "shared"]
+    return loss_weights(distance, mask, beta)
+
+  def loss(self, params, images, mask, distance, ema_out=None):
+    """Eq. 6 for one batch.
+
+    Args:
+      params: the parameter dict (module docstring).
+      images: float32[B, H, W, 3], normalised.
+      mask: bool[B, N], True = masked, the same count in every row.
+      distance: float32[B, N], the distance map of `mask`.
+      ema_out: the momentum encoder's output on all patches (needed for distillation).
+
+    Returns:
+      (loss, metrics): the scalar of eq. 6 and a dict of its parts.
+    """
+    c = self.config
+    ids_keep, ids_restore = visible_and_masked_ids(mask, self.num_visible())
+    features = self.encode(params["encoder"], images, ids_keep)["features"]
+    metrics = {}
+    zero = jnp.zeros((), jnp.float32)
+    pixel_loss = distill_loss = zero
+
+    if self.pixel_decoder is not None:
+      pred = decode_per_block(self.pixel_decoder, {"params": params["pixel_decoder"]},
+                              features, ids_restore, self.grid)
+      target = objective.pixel_targets(images, c.model.patch_size, c.pixel.norm_pix)
+      per_block = objective.weighted_block_losses(
+          objective.per_patch_error(pred, target),
+          self._weights(params, "pixel", distance, mask), mask, c.dds.normalizer)
+      pixel_loss = objective.deep_loss(per_block, self.block_weights)  # eq. 3
+      metrics.update({f"pixel_loss/block_{g}": per_block[i] for i, g in enumerate(self.blocks)})
+
+    if self.distill_decoder is not None:
+      pred = decode_per_block(self.distill_decoder, {"params": params["distill_decoder"]},
+                              features, ids_restore, self.grid)
+      target = objective.feature_targets(ema_out, c.distill.target_norm)
+      per_block = objective.weighted_block_losses(
+          objective.per_patch_error(pred, target),
+          self._weights(params, "distill", distance, mask), mask, c.dds.normalizer)
+      distill_loss = objective.deep_loss(per_block, self.block_weights)  # eq. 5
+      metrics.update({f"distill_loss/block_{g}": per_block[i]
+                      for i, g in enumerate(self.blocks)})
+
+    if self.beta_branches:
+      norms = jnp.concatenate([weight_l2_norm(distance, mask, params["beta"][b])
+                               for b in self.beta_branches], axis=1)
+    else:
+      norms = jnp.zeros((mask.shape[0], 0), jnp.float32)
+    loss = objective.total_loss(pixel_loss, distill_loss, norms, c.dds.reg_weight)  # eq. 6
+    metrics.update(loss=loss, pixel_loss=pixel_loss, distill_loss=distill_loss,
+                   beta_regularizer=jnp.sum(jnp.mean(norms, axis=0)))
+    return loss, metrics

@@ -1,0 +1,1 @@
+"""Flax modules: the ViT encoder and the MAE-style decoders."""

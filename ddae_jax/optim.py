@@ -1,0 +1,71 @@
+"""The optimizer (AdamW with a warm-up cosine schedule), beta's own group, and eq. 4.
+
+Parameters fall in three groups:
+  decay:    weight matrices, trained with AdamW and weight decay;
+  no_decay: biases, norms, class and mask tokens (MAE's exclusions);
+  beta:     the dynamic-loss exponents of eq. 2, trained by Adam without weight
+            decay (decay would pull them to 0, which is the regulariser's job),
+            or frozen when config.dds.beta_learnable is False.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from ddae_jax import config_lib
+from ddae_jax.sharding import path_str
+
+NO_DECAY_NAMES = ("cls_token", "mask_token")
+
+
+def param_labels(params):
+  """'decay' | 'no_decay' | 'beta' for every parameter leaf."""
+  def label(path, leaf):
+    name = path_str(path)
+    if name.startswith("beta"):
+      return "beta"
+    if leaf.ndim < 2 or name.split("/")[-1] in NO_DECAY_NAMES:
+      return "no_decay"
+    return "decay"
+  return jax.tree_util.tree_map_with_path(label, params)
+
+
+def lr_schedule(config) -> optax.Schedule:
+  """Linear warm-up to base_lr * batch / 256, then cosine decay to min_lr."""
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0,
+      peak_value=config_lib.learning_rate(config),
+      warmup_steps=config_lib.epochs_to_steps(config, config.optim.warmup_epochs),
+      decay_steps=config_lib.total_steps(config),
+      end_value=config.optim.min_lr)
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+  o = config.optim
+  schedule = lr_schedule(config)
+  adamw = lambda wd: optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=1e-8, weight_decay=wd)
+  if config.dds.beta_learnable:
+    beta_opt = optax.adam(lambda step: schedule(step) * o.beta_lr_scale, b1=o.b1, b2=o.b2)
+  else:
+    beta_opt = optax.set_to_zero()
+  tx = optax.multi_transform(
+      {"decay": adamw(o.weight_decay), "no_decay": adamw(0.0), "beta": beta_opt},
+      param_labels)
+  if o.grad_clip_norm > 0:
+    tx = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), tx)
+  return tx
+
+
+def ema_momentum(config, step: jax.Array) -> jax.Array:
+  """m of eq. 4 at `step`: linear from momentum_start to momentum_end over ramp_epochs."""
+  e = config.ema
+  ramp = config_lib.epochs_to_steps(config, e.ramp_epochs)
+  frac = jnp.clip(step / max(ramp, 1), 0.0, 1.0) if ramp > 0 else 1.0
+  return e.momentum_start + (e.momentum_end - e.momentum_start) * frac
+
+
+def ema_update(ema_params, params, momentum):
+  """Eq. 4: theta' <- m theta' + (1 - m) theta, leaf by leaf (float32)."""
+  return jax.tree.map(lambda e, p: momentum * e + (1.0 - momentum) * p, ema_params, params)

@@ -1,0 +1,55 @@
+"""ddae-jax: Deep Dynamic AutoEncoder pretraining for ViTs in JAX/Flax.
+
+  pip install -e .            # CPU jax, everything to pretrain and evaluate
+  pip install -e '.[test]'    # plus pytest, scipy, torch and timm (reference checks)
+  pip install -e '.[gpu]'     # jax with CUDA 12
+  pip install -e '.[tpu]'     # jax for TPU VMs
+"""
+
+from setuptools import find_packages, setup
+
+# Version floors, not pins: the code runs on jax 0.10.x and 0.11.x alike.
+CORE = [
+    "jax>=0.6",
+    "flax>=0.10",
+    "optax>=0.2.4",
+    "orbax-checkpoint>=0.11",
+    "ml-collections>=0.1.1",
+    "numpy>=1.26",
+    "absl-py>=1.4",
+]
+DATA = [
+    "tensorflow-cpu>=2.16",   # only the input pipeline; the step imports no tensorflow
+    "tensorflow-datasets>=4.9.6",
+    "importlib_resources>=6",  # tensorflow-datasets needs it but does not declare it
+    "clu>=0.0.12",
+    "tensorboard>=2.16",       # clu.metric_writers imports it
+    "scikit-learn>=1.3",       # the quickstart's embedded, labelled images
+]
+TEST = [
+    "pytest>=8",
+    "pytest-xdist>=3.5",
+    "scipy>=1.11",            # reference distance transform
+    "chex>=0.1.87",
+    # timm/PyTorch are the reference for the ViT numerics; torchvision comes
+    # with timm and must match torch (2.14.1 / 0.29.1 are the newest that
+    # co-install on a CPU machine here).
+    "torch>=2.4",
+    "torchvision>=0.19",
+    "timm>=1.0",
+    "safetensors>=0.4",
+]
+
+setup(
+    name="ddae-jax",
+    version="0.1.0",
+    description="Deep Dynamic AutoEncoder (DDAE) masked image modelling in JAX/Flax",
+    packages=find_packages(include=["ddae_jax", "ddae_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=CORE + DATA,
+    extras_require={
+        "test": TEST,
+        "gpu": ["jax[cuda12]>=0.6"],
+        "tpu": ["jax[tpu]>=0.6"],
+    },
+)

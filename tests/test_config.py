@@ -1,0 +1,97 @@
+"""Every config and variant loads; bad values fail early and name the field."""
+
+import glob
+import os
+import runpy
+
+import pytest
+
+from ddae_jax import config_lib
+from ddae_jax import train_step as ts
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
+
+
+def load(path, arg=""):
+  return runpy.run_path(path)["get_config"](arg)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+@pytest.mark.parametrize("variant", ["", *config_lib.VARIANTS])
+def test_every_config_and_variant_loads_and_validates(path, variant):
+  config = load(path, variant)
+  config_lib.validate(config, num_devices=8)
+  assert config_lib.total_steps(config) >= 1
+
+
+def test_paper_defaults():
+  c = load(os.path.join(REPO, "configs", "vitb.py"))
+  assert config_lib.supervised_blocks(c) == (3, 6, 9, 12)
+  assert config_lib.block_weights(c) == (0.75, 0.75, 0.75, 1.0)
+  assert list(config_lib.beta_init(c)) == [-0.5] * 4
+  assert c.dds.reg_weight == 0.5 and c.masking.kind == "blockwise"
+  assert c.masking.ratio == 0.75 and c.batch_size == 4096 and c.optim.weight_decay == 0.05
+  assert config_lib.learning_rate(c) == pytest.approx(1.5e-4 * 16)
+  assert (c.pixel.decoder_width, c.pixel.decoder_depth, c.distill.decoder_depth) == (512, 2, 2)
+  e800 = load(os.path.join(REPO, "configs", "vitb.py"), "ep800")
+  assert (e800.epochs, e800.optim.warmup_epochs, e800.ema.ramp_epochs) == (800, 40, 400)
+  c.dds.num_supervised = 6
+  assert config_lib.supervised_blocks(c) == (2, 4, 6, 8, 10, 12)
+  c.dds.num_supervised = 2
+  assert config_lib.supervised_blocks(c) == (6, 12)
+  vitl = load(os.path.join(REPO, "configs", "vitl.py"))
+  assert config_lib.supervised_blocks(vitl) == (6, 12, 18, 24)
+
+
+@pytest.mark.parametrize("field,value,allowed", [
+    ("masking.ratio", 1.0, "(0, 1)"),
+    ("masking.ratio", 0.0, "(0, 1)"),
+    ("masking.ratio", -0.2, "(0, 1)"),
+    ("masking.kind", "grid", "blockwise"),
+    ("model.image_size", 225, "multiple of model.patch_size"),
+    ("model.size", "huge", "base"),
+    ("model.dtype", "float8", "bfloat16"),
+    ("dds.blocks", (3, 13), "[1, 12]"),
+    ("dds.blocks", (0, 12), "[1, 12]"),
+    ("dds.blocks", (6, 3), "increasing"),
+    ("dds.num_supervised", 5, "divisor"),
+    ("dds.block_weights", (1.0, 1.0), "4 values"),
+    ("dds.beta_init", (0.0, 0.1), "one value or 4 values"),
+    ("dds.normalizer", "sum", "num_masked"),
+    ("distill.target_norm", "l2", "layernorm"),
+    ("ema.momentum_end", 1.0, "[0, 1)"),
+    ("ema.momentum_start", 0.9999999, "[0, ema.momentum_end"),
+    ("optim.b2", 1.0, "[0, 1)"),
+    ("optim.warmup_epochs", 500.0, "[0, epochs"),
+    ("batch_size", 4095, "multiple of the data-parallel size 8"),
+    ("sharding.rules", ((".*", "shard"),), "'replicate' or 'fsdp'"),
+    ("sharding.mesh", (("data", 3), ("fsdp", -1)), "divides the 8 devices"),
+])
+def test_bad_config_names_field_and_allowed_values(field, value, allowed):
+  c = load(os.path.join(REPO, "configs", "vitb.py"))
+  section = c
+  *parents, name = field.split(".")
+  for p in parents:
+    section = section[p]
+  section[name] = value
+  with pytest.raises(config_lib.ConfigError) as err:
+    config_lib.validate(c, num_devices=8)
+  message = str(err.value)
+  assert f"config.{field}" in message and allowed in message, message
+
+
+def test_bad_config_fails_before_any_compute(monkeypatch):
+  """build() validates before it makes a mesh or traces anything."""
+  c = load(os.path.join(REPO, "configs", "tiny.py"))
+  c.model.image_size = 30
+  called = []
+  monkeypatch.setattr(ts, "create_train_state", lambda *a: called.append(1))
+  with pytest.raises(config_lib.ConfigError, match="config.model.image_size"):
+    ts.build(c)
+  assert not called
+
+
+def test_unknown_variant_is_named():
+  with pytest.raises(config_lib.ConfigError, match="'ep900'.*allowed"):
+    load(os.path.join(REPO, "configs", "vitb.py"), "ep900")

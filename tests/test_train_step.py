@@ -1,0 +1,218 @@
+"""The jitted, sharded train step: sharding invariance, no retrace, EMA, switches, learning."""
+
+import runpy
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from ddae_jax import config_lib, optim
+from ddae_jax import train_step as ts
+
+
+def tiny(arg=""):
+  c = runpy.run_path("configs/tiny.py")["get_config"](arg)
+  return c
+
+
+def smooth_images(n, size=32, seed=0):
+  """Low-frequency colour images: learnable in a few hundred steps, unlike noise."""
+  small = np.random.RandomState(seed).rand(n, 4, 4, 3)
+  big = jax.image.resize(small, (n, size, size, 3), "bicubic")
+  return (np.asarray(big).clip(0, 1) * 255).astype(np.uint8)
+
+
+def host(tree):
+  return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
+
+
+def test_one_device_equals_eight_device_mesh():
+  c = tiny()
+  c.optim.warmup_epochs = 0.0  # a real update from the first step
+  images = smooth_images(16)
+  results = {}
+  for name, devices, mesh, rules in (
+      ("one", jax.devices()[:1], (("data", -1), ("fsdp", 1)), ((".*", "replicate"),)),
+      ("eight", jax.devices()[:8], (("data", 4), ("fsdp", 2)), ((".*", "fsdp"),))):
+    c.sharding.mesh, c.sharding.rules = mesh, rules
+    built = ts.build(c, devices)
+    state = built["state"]
+    losses = []
+    for _ in range(3):
+      state, metrics = built["step"](state, {"image": images})
+      losses.append(float(metrics["loss"]))
+    results[name] = (losses, host(state))
+  kernel = results["eight"][1]["params"]["encoder"]["block_0"]["mlp"]["fc1"]["kernel"]
+  np.testing.assert_allclose(results["one"][0], results["eight"][0], rtol=1e-5)
+  flat_one = jax.tree_util.tree_leaves_with_path(results["one"][1])
+  flat_eight = dict(jax.tree_util.tree_leaves_with_path(results["eight"][1]))
+  # Attention's key bias has an identically zero gradient (softmax ignores a
+  # shift shared by all keys), so Adam's first steps normalise pure round-off
+  # there: allow a fifth of one learning-rate step, far below any real update.
+  atol = 0.2 * config_lib.learning_rate(c)
+  for path, a in flat_one:
+    np.testing.assert_allclose(a, flat_eight[path], rtol=1e-4, atol=atol,
+                               err_msg=jax.tree_util.keystr(path))
+  assert kernel.shape == (64, 256)
+
+
+def test_fsdp_rules_split_parameters_and_optimizer_state():
+  c = tiny("fsdp")
+  built = ts.build(c, jax.devices()[:8])
+  state = built["state"]
+  kernel = state["params"]["encoder"]["block_0"]["mlp"]["fc1"]["kernel"]  # [64, 256]
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
+  assert kernel.addressable_shards[0].data.shape == (64, 32)
+  mu = state["opt_state"]
+  specs = {leaf.sharding.spec for leaf in jax.tree.leaves(mu) if leaf.ndim == 2}
+  assert jax.sharding.PartitionSpec(None, "fsdp") in specs
+
+
+def test_step_does_not_retrace_and_donates():
+  c = tiny()
+  built = ts.build(c, jax.devices()[:2])
+  traces = []
+  step_fn = built["step"]
+  state = built["state"]
+  images = smooth_images(16)
+  for i in range(3):
+    old_leaf = state["params"]["encoder"]["cls_token"]
+    state, _ = step_fn(state, {"image": images + i})
+    traces.append(step_fn._cache_size())
+    assert old_leaf.is_deleted()  # donated
+  assert traces == [1, 1, 1]
+  assert int(state["step"]) == 3
+
+
+def test_ema_update_is_equation_4_and_gets_no_gradient():
+  c = tiny()
+  c.optim.warmup_epochs = 0.0
+  built = ts.build(c, jax.devices()[:1])
+  state = built["state"]
+  images = smooth_images(16)
+  for _ in range(2):  # the second step starts from EMA != params
+    before = host(state)
+    state, metrics = built["step"](state, {"image": images})
+  assert not np.allclose(before["ema_params"]["cls_token"],
+                         before["params"]["encoder"]["cls_token"])
+  after = host(state)
+  m = float(optim.ema_momentum(c, jnp.asarray(before["step"])))
+  assert m == pytest.approx(float(metrics["ema_momentum"]))
+  want = jax.tree.map(lambda e, p: m * e + (1 - m) * p, before["ema_params"],
+                      after["params"]["encoder"])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+               after["ema_params"], want)
+  # Nothing but eq. 4 touched theta': no gradient reached the momentum encoder.
+  assert set(after["params"]) == {"encoder", "pixel_decoder", "distill_decoder", "beta"}
+
+
+def test_momentum_schedule_endpoints():
+  c = config_lib.base_config()
+  ramp = config_lib.epochs_to_steps(c, c.ema.ramp_epochs)
+  assert float(optim.ema_momentum(c, jnp.asarray(0))) == pytest.approx(0.999)
+  assert float(optim.ema_momentum(c, jnp.asarray(ramp // 2))) == pytest.approx(
+      (0.999 + 0.99999) / 2, abs=1e-7)
+  assert float(optim.ema_momentum(c, jnp.asarray(10 * ramp))) == pytest.approx(0.99999)
+
+
+def test_learning_rate_schedule_is_scaled_warmup_cosine():
+  c = config_lib.base_config()
+  sched = optim.lr_schedule(c)
+  warm = config_lib.epochs_to_steps(c, 20)
+  peak = 1.5e-4 * 4096 / 256
+  assert float(sched(warm)) == pytest.approx(peak)
+  assert float(sched(warm // 2)) == pytest.approx(peak / 2, rel=1e-3)
+  total = config_lib.total_steps(c)
+  assert total == round(100 * 1_281_167 / 4096)
+  assert float(sched(total)) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_beta_is_excluded_from_weight_decay_and_trained_by_adam():
+  c = tiny()
+  c.optim.weight_decay = 0.5
+  c.dds.beta_per_branch = True
+  params = {"beta": {"pixel": jnp.full((4,), -0.5)}, "encoder": {"k": jnp.ones((3, 3)),
+                                                                 "b": jnp.ones((3,))}}
+  labels = optim.param_labels(params)
+  assert labels == {"beta": {"pixel": "beta"}, "encoder": {"k": "decay", "b": "no_decay"}}
+  # With a zero gradient, weight decay alone moves a decayed matrix but not beta.
+  tx = optim.make_optimizer(c)
+  state = tx.init(params)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  for step in range(3):
+    updates, state = tx.update(zeros, state, params)
+  assert np.all(np.asarray(updates["beta"]["pixel"]) == 0)
+  assert np.all(np.asarray(updates["encoder"]["k"]) < 0)
+  assert np.all(np.asarray(updates["encoder"]["b"]) == 0)
+  # Beta's update is Adam's, lr from the same schedule: first step = -lr * sign(g).
+  c.optim.warmup_epochs = 0.0
+  tx = optim.make_optimizer(c)
+  g = {"beta": {"pixel": jnp.asarray([1.0, -2.0, 0.5, 3.0])},
+       "encoder": jax.tree.map(jnp.zeros_like, params["encoder"])}
+  updates, _ = tx.update(g, tx.init(params), params)
+  ref = optax.adam(config_lib.learning_rate(c), b1=c.optim.b1, b2=c.optim.b2)
+  ref_updates, _ = ref.update(g["beta"], ref.init(params["beta"]))
+  np.testing.assert_allclose(updates["beta"]["pixel"], ref_updates["pixel"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("overrides,expect", [
+    ({"pixel.enabled": False}, {"no": ["pixel_loss/block_1"]}),
+    ({"distill.enabled": False}, {"no": ["distill_loss/block_1", "ema_momentum"]}),
+    ({"dds.deep_supervision": False}, {"has": ["pixel_loss/block_4", "beta/shared/block_4"],
+                                       "no": ["pixel_loss/block_1"]}),
+    ({"dds.dynamic": False}, {"no": ["beta/shared/block_1"], "zero": ["beta_regularizer"]}),
+    ({"dds.beta_learnable": False, "dds.beta_init": (0.0, -0.1, -0.3, -0.7)},
+     {"fixed_beta": (0.0, -0.1, -0.3, -0.7)}),
+    ({"dds.beta_per_branch": True}, {"has": ["beta/pixel/block_2", "beta/distill/block_2"]}),
+    ({"dds.blocks": (2, 4), "dds.block_weights": (0.5, 1.0)},
+     {"has": ["pixel_loss/block_2"], "no": ["pixel_loss/block_1"]}),
+    ({"masking.kind": "random", "dds.normalizer": "weight_sum",
+      "distill.target_norm": "features", "model.feature_norm": "final"}, {}),
+])
+def test_ablation_switches(overrides, expect):
+  c = tiny()
+  for key, value in overrides.items():
+    section, field = key.split(".")
+    c[section][field] = value
+  c.optim.warmup_epochs = 0.0
+  built = ts.build(c, jax.devices()[:1])
+  state, metrics = built["step"](built["state"], {"image": smooth_images(16)})
+  metrics = {k: float(v) for k, v in metrics.items()}
+  assert np.isfinite(metrics["loss"])
+  for k in expect.get("has", []):
+    assert k in metrics, k
+  for k in expect.get("no", []):
+    assert k not in metrics, k
+  for k in expect.get("zero", []):
+    assert metrics[k] == 0.0
+  if "fixed_beta" in expect:
+    np.testing.assert_array_equal(np.asarray(state["params"]["beta"]["shared"]),
+                                  np.asarray(expect["fixed_beta"], np.float32))
+  else:
+    assert "ema_params" in state or not c.distill.enabled
+
+
+def test_tiny_model_overfits_a_handful_of_images():
+  """Every loss term falls by a large factor in 300 CPU steps on 8 images."""
+  c = tiny()
+  c.batch_size, c.num_train_images, c.epochs = 8, 8, 300.0
+  c.optim.base_lr = 5e-3 * 256 / 8
+  c.optim.warmup_epochs = 10.0
+  c.ema.ramp_epochs = 300.0
+  built = ts.build(c, jax.devices()[:1])
+  state, images = built["state"], {"image": smooth_images(8)}
+  history = []
+  for _ in range(300):
+    state, metrics = built["step"](state, images)
+    history.append(jax.device_get(metrics))
+  first = {k: np.mean([h[k] for h in history[:5]]) for k in history[0]}
+  last = {k: np.mean([h[k] for h in history[-20:]]) for k in history[0]}
+  assert last["pixel_loss"] < first["pixel_loss"] / 3, (first, last)
+  assert last["distill_loss"] < first["distill_loss"] / 5, (first, last)
+  for g in (1, 2, 3, 4):
+    assert last[f"pixel_loss/block_{g}"] < first[f"pixel_loss/block_{g}"] / 2
+    assert last[f"distill_loss/block_{g}"] < first[f"distill_loss/block_{g}"] / 3
+  # Fig. 5's early trend: beta first drops.
+  assert last["beta/shared/block_4"] < -0.5
