@@ -13,6 +13,7 @@ import re
 import ml_collections
 import numpy as np
 
+from ddae_jax.data.sources import SOURCES
 from ddae_jax.models.vit import FEATURE_NORMS, VIT_SIZES
 from ddae_jax.objectives.ddae import NORMALIZERS, TARGET_NORMS
 from ddae_jax.objectives.masking import MASKINGS
@@ -89,7 +90,25 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.batch_size = 4096
   c.epochs = 100.0
-  c.num_train_images = IMAGENET_TRAIN_IMAGES
+  c.num_train_images = IMAGENET_TRAIN_IMAGES  # replaced by the dataset's size at run time
+
+  # Input (section 4.1: random-resized crop and horizontal flip only).
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "tfds"           # tfds | image_folder | digits | synthetic
+  c.data.name = "imagenet2012"     # any TFDS image dataset
+  c.data.split = "train"
+  c.data.data_dir = ""             # TFDS data_dir ("" = TFDS's default); gs:// works
+  c.data.folder = ""               # image_folder: <folder>/<split>/<class>/<image>
+  c.data.crop_scale = (0.2, 1.0)   # MAE's RandomResizedCrop scale
+  c.data.flip = True
+  c.data.shuffle_buffer = 16384
+  c.data.workers = 16              # host decode threads per process
+  c.data.prefetch = 2              # batches prepared ahead
+  c.data.synthetic_size = 1024     # images of the synthetic source
+
+  c.log_every_steps = 100
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 3
 
   # Mesh axes and sizes (-1: all remaining devices) and parameter sharding
   # rules: (regex on the parameter path, "replicate" | "fsdp"); first match wins.
@@ -117,6 +136,11 @@ def tiny_config() -> ml_collections.ConfigDict:
   c.ema.momentum_start = 0.99
   c.ema.momentum_end = 0.999
   c.ema.ramp_epochs = 5.0
+  c.data.source = "synthetic"
+  c.data.synthetic_size = 256
+  c.data.workers = 2
+  c.log_every_steps = 10
+  c.checkpoint_every_steps = 20
   return c
 
 
@@ -241,6 +265,13 @@ def validate(config, num_devices: int | None = None) -> None:
   _one_of(config, "masking.kind", MASKINGS)
   _one_of(config, "dds.normalizer", NORMALIZERS)
   _one_of(config, "distill.target_norm", TARGET_NORMS)
+  _one_of(config, "data.source", SOURCES)
+  lo, hi = config.data.crop_scale
+  if not 0 < lo <= hi <= 1:
+    _fail("data.crop_scale", tuple(config.data.crop_scale), "(low, high) with 0 < low <= high <= 1")
+  for field in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+    if config[field] < 1:
+      _fail(field, config[field], "an integer >= 1")
   m = config.model
   if m.patch_size <= 0:
     _fail("model.patch_size", m.patch_size, "a positive integer")

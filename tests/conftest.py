@@ -3,8 +3,11 @@
 import os
 import sys
 
-# Must happen before JAX starts its backend.
+# Must happen before JAX starts its backend. The tests are bound by XLA's CPU
+# compile time, not by run time: skip LLVM's expensive optimisations.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + FAST_COMPILE).strip()
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)

@@ -1,0 +1,1 @@
+"""Input: sources (TFDS, image folders, embedded data), augmentation, sharded batches."""

@@ -1,0 +1,86 @@
+"""Model FLOPs of one DDAE training step per image, and chips' peak rates, for MFU.
+
+Counted analytically: only matrix products (2 FLOPs per multiply-add), the
+convention of MFU. A training pass costs 3x its forward (forward, and the
+backward's two products); the momentum encoder runs forward only.
+
+  linear, T tokens, a -> b:       2 T a b
+  transformer block, width D:     24 T D^2 (qkv, proj, 2 MLP layers at 4D)
+                                  + 4 T^2 D (QK^T and AV)
+"""
+
+from __future__ import annotations
+
+import jax
+
+from ddae_jax import config_lib
+from ddae_jax.objectives.masking import num_masked
+
+# Dense bf16 peak TFLOP/s per chip, from the vendors' data sheets.
+PEAK_TFLOPS = {
+    "H100": 989.0,
+    "H200": 989.0,
+    "A100": 312.0,
+    "TPU v4": 275.0,
+    "TPU v5 lite": 197.0,  # v5e
+    "TPU v5e": 197.0,
+    "TPU v5p": 459.0,
+    "TPU v5": 459.0,
+}
+
+
+def block_flops(tokens: int, width: int, mlp_ratio: float = 4.0) -> float:
+  return 2 * tokens * width * width * (4 + 2 * mlp_ratio) + 4 * tokens * tokens * width
+
+
+def encoder_forward_flops(tokens: int, width: int, depth: int, patch_dim: int) -> float:
+  """Patch embedding of tokens - 1 patches, then `depth` blocks on `tokens` tokens."""
+  return 2 * (tokens - 1) * patch_dim * width + depth * block_flops(tokens, width)
+
+
+def decoder_forward_flops(in_tokens: int, num_patches: int, in_width: int, width: int,
+                          depth: int, out_dim: int) -> float:
+  tokens = num_patches + 1
+  return (2 * in_tokens * in_width * width + depth * block_flops(tokens, width)
+          + 2 * num_patches * width * out_dim)
+
+
+def forward_flops_per_image(config) -> dict:
+  """Forward FLOPs per image of each part of the DDAE step (decoders: all K passes)."""
+  width, _, _ = config_lib.encoder_dims(config)
+  grid = config_lib.grid_size(config)
+  n = grid[0] * grid[1]
+  visible = n - num_masked(config.masking.ratio, grid)
+  patch_dim = config.model.patch_size ** 2 * 3
+  blocks = config_lib.supervised_blocks(config)
+  k, used_depth = len(blocks), max(blocks)  # blocks after the last supervised one never run
+  parts = {"encoder": encoder_forward_flops(visible + 1, width, used_depth, patch_dim)}
+  if config.pixel.enabled:
+    p = config.pixel
+    parts["pixel_decoder"] = k * decoder_forward_flops(
+        visible + 1, n, width, p.decoder_width, p.decoder_depth, patch_dim)
+  if config.distill.enabled:
+    parts["momentum_encoder"] = encoder_forward_flops(n + 1, width, used_depth, patch_dim)
+    parts["distill_decoder"] = k * decoder_forward_flops(
+        visible + 1, n, width, width, config.distill.decoder_depth, width)
+  return parts
+
+
+def train_flops_per_image(config) -> dict:
+  """FLOPs per image of one train step, by part, and their "total".
+
+  Trained parts cost 3x their forward; the momentum encoder only its forward.
+  """
+  parts = {name: f * (1 if name == "momentum_encoder" else 3)
+           for name, f in forward_flops_per_image(config).items()}
+  parts["total"] = sum(parts.values())
+  return parts
+
+
+def peak_tflops(device=None) -> float | None:
+  """The chip's dense bf16 peak, or None when unknown (e.g. CPUs)."""
+  kind = (device or jax.devices()[0]).device_kind
+  for name, peak in sorted(PEAK_TFLOPS.items(), key=lambda kv: -len(kv[0])):
+    if name.lower() in kind.lower():
+      return peak
+  return None

@@ -1,0 +1,82 @@
+"""The analytic FLOP count against XLA's cost analysis, and the benchmark's pieces."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ddae_jax import config_lib, flops
+from ddae_jax.model import DDAE
+from ddae_jax.objectives.dynamic_weights import distance_map
+from ddae_jax.objectives.masking import make_mask
+
+
+def _small_config():
+  c = config_lib.base_config()
+  c.model.size, c.model.image_size, c.model.dtype = "small", 96, "float32"
+  return c
+
+
+def test_forward_flops_match_xla_cost_analysis():
+  """XLA counts every op; matrix products dominate, so the two agree within ~10%."""
+  c = _small_config()
+  model = DDAE(c)
+  params = jax.eval_shape(model.init, jax.random.PRNGKey(0))
+  batch = 2
+  images = jax.ShapeDtypeStruct((batch, 96, 96, 3), jnp.float32)
+
+  def forward(params, images):
+    mask = make_mask(jax.random.PRNGKey(0), batch, model.grid, 0.75, "blockwise")
+    ema = model.encode(params["encoder"], images)
+    return model.loss(params, images, mask, distance_map(mask, model.grid), ema)[0]
+
+  cost = jax.jit(forward).lower(params, images).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  analytic = sum(flops.forward_flops_per_image(c).values()) * batch
+  ratio = analytic / cost["flops"]
+  assert 0.85 < ratio < 1.02, (analytic, cost["flops"])
+
+
+def test_vitb_step_cost_matches_the_published_estimate():
+  """PEERS.md: about 160 GFLOP per image for DDAE ViT-B/16, K = 4."""
+  c = config_lib.base_config()
+  parts = flops.train_flops_per_image(c)
+  assert 150e9 < parts["total"] < 175e9
+  np.testing.assert_allclose(parts["encoder"], 25.8e9, rtol=0.02)
+  np.testing.assert_allclose(parts["momentum_encoder"], 34.9e9, rtol=0.02)
+  # MAE ViT-B (8 x 512 decoder, one pass, no distillation): PEERS.md counts 58.8.
+  c.dds.deep_supervision, c.dds.dynamic, c.distill.enabled = False, False, False
+  c.pixel.decoder_depth, c.masking.kind = 8, "random"
+  assert 55e9 < flops.train_flops_per_image(c)["total"] < 62e9
+
+
+def test_peak_table_knows_the_chips():
+  class Dev:
+    def __init__(self, kind):
+      self.device_kind = kind
+  assert flops.peak_tflops(Dev("NVIDIA H100 80GB HBM3")) == 989.0
+  assert flops.peak_tflops(Dev("NVIDIA H200")) == 989.0
+  assert flops.peak_tflops(Dev("NVIDIA A100-SXM4-80GB")) == 312.0
+  assert flops.peak_tflops(Dev("TPU v4")) == 275.0
+  assert flops.peak_tflops(Dev("TPU v5 lite")) == 197.0
+  assert flops.peak_tflops(Dev("TPU v5p")) == 459.0
+  assert flops.peak_tflops(Dev("cpu")) is None
+
+
+def test_bench_prints_one_json_line_and_imports_no_tensorflow():
+  import json
+  import trainer_utils as tu
+  cmd = [tu.sys.executable, "-m", "ddae_jax.bench", f"--config={tu.REPO}/configs/tiny.py",
+         "--steps=3", "--warmup=1"]
+  proc = tu.run(cmd, 2)
+  assert proc.returncode == 0, proc.stdout[-3000:]
+  row = json.loads([l for l in proc.stdout.splitlines() if l.startswith("{")][-1])
+  for key in ("config", "batch", "devices", "chip", "step_ms_median", "step_ms_p10",
+              "step_ms_p90", "images_per_s", "gflops_per_image", "achieved_tflops", "mfu",
+              "peak_memory_gb"):
+    assert key in row, key
+  assert row["batch"] == 16 and row["devices"] == 2 and row["images_per_s"] > 0
+  probe = tu.run([tu.sys.executable, "-c",
+                  "import sys, ddae_jax.bench, ddae_jax.train, ddae_jax.metrics;"
+                  "import ddae_jax.data.pipeline, ddae_jax.data.sources;"
+                  "assert 'tensorflow' not in sys.modules, 'tensorflow imported'"], 1)
+  assert probe.returncode == 0, probe.stdout[-2000:]

@@ -1,0 +1,82 @@
+"""Helpers for tests that run the pretraining binary in subprocesses."""
+
+import os
+import runpy
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from conftest import FAST_COMPILE
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def env(devices: int, tensorboard: bool = False) -> dict:
+  e = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
+           XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}")
+  if not tensorboard:
+    e["DDAE_NO_TENSORBOARD"] = "1"
+  return e
+
+
+def main_cmd(workdir, *overrides, config="configs/tiny.py"):
+  return [sys.executable, "-m", "ddae_jax.main", f"--config={os.path.join(REPO, config)}",
+          f"--workdir={workdir}", *overrides]
+
+
+class Started(subprocess.Popen):
+  """A background run whose output goes to a file (a pipe nobody reads would block it)."""
+
+  def output(self) -> str:
+    with open(self.log_path) as f:
+      return f.read()
+
+
+def start(cmd, devices, **kw):
+  log_path = cmd[4].split("=", 1)[1].rstrip("/") + f".{len(cmd)}.{os.getpid()}.log"
+  log = open(log_path, "a")
+  proc = Started(cmd, cwd=REPO, env=env(devices, **kw), stdout=log,
+                 stderr=subprocess.STDOUT, text=True)
+  proc.log_path = log_path
+  return proc
+
+
+def run(cmd, devices, timeout=600, **kw):
+  proc = subprocess.run(cmd, cwd=REPO, env=env(devices, **kw), stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT, text=True, timeout=timeout)
+  return proc
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def load_state(workdir, step, config_overrides=None):
+  """The checkpointed train state of `step` as NumPy arrays, on this process's device."""
+  from ddae_jax import checkpoints
+  from ddae_jax import train_step as ts
+  config = runpy.run_path(os.path.join(REPO, "configs/tiny.py"))["get_config"]("")
+  for key, value in (config_overrides or {}).items():
+    section, _, name = key.rpartition(".")
+    (config[section] if section else config)[name] = value
+  built = ts.build(config, jax.devices()[:1])
+  abstract = checkpoints.abstract_like(built["state"], built["shardings"])
+  manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
+                                  item_names=("state", "data"))
+  out = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+  manager.close()
+  return jax.tree.map(np.asarray, out["state"]), out["data"]
+
+
+def checkpoint_steps(workdir):
+  d = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(d):
+    return []
+  return sorted(int(n) for n in os.listdir(d) if n.isdigit())
