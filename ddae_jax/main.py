@@ -48,7 +48,7 @@ def main(argv):
                jax.process_count(), jax.local_device_count(), jax.device_count())
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir, FLAGS.init_dir)
-  except (DatasetMissing, config_lib.ConfigError) as err:
+  except (DatasetMissing, config_lib.ConfigError, train.NonFiniteLoss) as err:
     # The user's setup, not a bug: the message is the whole story.
     raise SystemExit(f"error: {err}") from None
 

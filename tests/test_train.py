@@ -7,6 +7,7 @@ import random
 import signal
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -119,3 +120,20 @@ def test_bad_override_names_the_field(tmp_path):
   proc = tu.run(tu.main_cmd(str(tmp_path / "run"), "--config.masking.ratio=1.5"), 1)
   assert proc.returncode != 0 and "config.masking.ratio" in proc.stdout
   assert "Traceback" not in proc.stdout
+
+
+def test_nan_loss_stops_naming_the_step_and_an_intact_checkpoint(tmp_path):
+  workdir = str(tmp_path / "run")
+  proc = tu.run(tu.main_cmd(workdir, "--config.optim.base_lr=1e12",
+                            "--config.optim.warmup_epochs=0", "--config.epochs=1",
+                            "--config.checkpoint_every_steps=1",
+                            "--config.log_every_steps=1"), 1)
+  assert proc.returncode != 0
+  import re
+  found = re.search(r"loss is (nan|inf) at step (\d+); the last good checkpoint is step (\d+)",
+                    proc.stdout)
+  assert found, proc.stdout[-3000:]
+  bad, good = int(found.group(2)), int(found.group(3))
+  assert good < bad and tu.checkpoint_steps(workdir)[-1] == good
+  state, _ = tu.load_state(workdir, good)
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state["params"]))
