@@ -18,12 +18,17 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 
+class CheckpointMissing(FileNotFoundError):
+  """An explicitly named checkpoint directory has no checkpoint."""
+
+
 class Checkpointer:
 
-  def __init__(self, directory, every_steps: int, keep: int, use_async: bool = True):
+  def __init__(self, directory, every_steps: int, keep: int, use_async: bool = True,
+               create: bool = True):
     self.directory = directory
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, save_interval_steps=max(1, every_steps), create=True,
+        max_to_keep=keep, save_interval_steps=max(1, every_steps), create=create,
         enable_async_checkpointing=use_async)
     self.manager = ocp.CheckpointManager(directory, options=options,
                                          item_names=("state", "data"))

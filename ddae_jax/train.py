@@ -66,9 +66,14 @@ def train_and_evaluate(config, workdir: str, init_dir: str | None = None) -> dic
     logging.info("Resuming from %s, step %d", ckpt.directory, ckpt.latest_step())
     state, position = ckpt.restore(ckpt.latest_step(), abstract)
   elif init_dir:
-    other = checkpoints.Checkpointer(epath.Path(init_dir) / "checkpoints", 1, 1)
+    other_dir = epath.Path(init_dir) / "checkpoints"
+    if not other_dir.exists():
+      raise checkpoints.CheckpointMissing(
+          f"--init_dir={init_dir}: no checkpoint directory {other_dir}")
+    other = checkpoints.Checkpointer(other_dir, 1, 1, create=False)
     if other.latest_step() is None:
-      raise FileNotFoundError(f"--init_dir={init_dir}: no checkpoint in {other.directory}")
+      raise checkpoints.CheckpointMissing(
+          f"--init_dir={init_dir}: no checkpoint in {other.directory}")
     logging.info("Starting from %s, step %d", other.directory, other.latest_step())
     state, position = other.restore(other.latest_step(), abstract)
     other.close()

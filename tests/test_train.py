@@ -38,6 +38,15 @@ def test_run_writes_checkpoints_and_metrics_with_beta(tmp_path):
   # A rerun of the finished run resumes at the end and does nothing more.
   again = tu.run(tu.main_cmd(workdir, *OVERRIDES, "--config.keep_checkpoints=2"), 2)
   assert again.returncode == 0 and tu.checkpoint_steps(workdir) == [28, 32]
+  # --init_dir continues that run in a new workdir (one more epoch: steps 33..48).
+  longer = str(tmp_path / "longer")
+  more = tu.run(tu.main_cmd(longer, "--config.epochs=3", "--config.checkpoint_every_steps=16",
+                            f"--init_dir={workdir}"), 2)
+  assert more.returncode == 0, more.stdout[-3000:]
+  assert tu.checkpoint_steps(longer)[-1] == 48 and tu.checkpoint_steps(longer)[0] > 32
+  missing = tu.run(tu.main_cmd(str(tmp_path / "x"), f"--init_dir={tmp_path / 'nothing'}"), 1)
+  assert missing.returncode != 0 and "--init_dir=" in missing.stdout
+  assert "Traceback" not in missing.stdout
 
 
 def _kill_when(proc, workdir, in_flight: bool, min_step: int, timeout=300):
