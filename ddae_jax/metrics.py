@@ -16,27 +16,50 @@ import numpy as np
 
 
 class JsonlWriter:
-  """Appends {"step": s, name: value, ...} lines to <workdir>/metrics.jsonl."""
+  """Adds {"step": s, name: value, ...} lines to <workdir>/metrics.jsonl.
 
-  def __init__(self, workdir: str):
+  Local files are appended to. Object stores (gs://) cannot append, so there
+  the rows are kept and the whole file is rewritten at each flush (a few
+  thousand short lines for a long run); a resumed run starts from the rows
+  already written.
+  """
+
+  def __init__(self, workdir: str, append: bool | None = None):
     from etils import epath
     self.path = epath.Path(workdir) / "metrics.jsonl"
     self.path.parent.mkdir(parents=True, exist_ok=True)
-    self._file = self.path.open("a")
+    self.append = "://" not in str(workdir) if append is None else append
+    self._rows: list[str] = []
+    if self.append:
+      self._file = self.path.open("a")
+    elif self.path.exists():
+      self._rows = self.path.read_text().splitlines()
+
+  def _add(self, row: dict):
+    line = json.dumps(row)
+    if self.append:
+      self._file.write(line + "\n")
+    else:
+      self._rows.append(line)
 
   def write_scalars(self, step: int, scalars: dict):
     row = {"step": int(step)}
     row.update({k: float(np.asarray(v)) for k, v in scalars.items()})
-    self._file.write(json.dumps(row) + "\n")
+    self._add(row)
 
   def write_hparams(self, hparams: dict):
-    self._file.write(json.dumps({"hparams": {k: str(v) for k, v in hparams.items()}}) + "\n")
+    self._add({"hparams": {k: str(v) for k, v in hparams.items()}})
 
   def flush(self):
-    self._file.flush()
+    if self.append:
+      self._file.flush()
+    else:
+      self.path.write_text("".join(line + "\n" for line in self._rows))
 
   def close(self):
-    self._file.close()
+    self.flush()
+    if self.append:
+      self._file.close()
 
 
 class LogWriter:

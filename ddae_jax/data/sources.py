@@ -85,10 +85,10 @@ def digits(split: str = "train", size: int = 32):
   """
   from PIL import Image
   from sklearn.datasets import load_digits
-  data = load_digits()
-  keep = (np.arange(len(data.images)) % 6 == 0) == (split == "test")
   if split not in ("train", "test"):
     raise ValueError(f"digits has splits 'train' and 'test', not {split!r}")
+  data = load_digits()
+  keep = (np.arange(len(data.images)) % 6 == 0) == (split == "test")
   small = (data.images[keep] * (255.0 / 16.0)).round().astype(np.uint8)
   images = np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.BICUBIC))
                      for im in small])
