@@ -76,6 +76,7 @@ def run_once(config, steps: int, warmup: int) -> dict:
   achieved = images_per_s * per_image["total"] / 1e12
   peak = flops.peak_tflops()
   ms = np.asarray(times) * 1e3
+  memory = peak_memory_bytes()
   return {
       "config": f"{config.model.size}/{config.model.patch_size}",
       "batch": config.batch_size,
@@ -90,8 +91,7 @@ def run_once(config, steps: int, warmup: int) -> dict:
       "gflops_per_image": round(per_image["total"] / 1e9, 2),
       "achieved_tflops": round(achieved, 2),
       "mfu": round(achieved / (peak * jax.device_count()), 4) if peak else None,
-      "peak_memory_gb": (round(peak_memory_bytes() / 2**30, 2)
-                         if peak_memory_bytes() is not None else None),
+      "peak_memory_gb": round(memory / 2**30, 2) if memory is not None else None,
       "compile_s": round(compile_s, 1),
       "loss": float(metrics["loss"]),
       "jax": jax.__version__,

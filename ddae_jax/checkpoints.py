@@ -37,7 +37,12 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def should_save(self, step: int) -> bool:
-    return self.manager.should_save(step) or self.manager.reached_preemption(step)
+    """Whether `step` is on the save interval (preemption is `preempted`'s job)."""
+    return self.manager.should_save(step)
+
+  def preempted(self, step: int) -> bool:
+    """Whether the cluster announced a preemption (a sync point on multi-host runs)."""
+    return self.manager.reached_preemption(step)
 
   def save(self, step: int, state, data_position: int, force: bool = False) -> bool:
     """Starts an async save of `state` at `step`; every process must call it."""

@@ -107,7 +107,7 @@ def train_and_evaluate(config, workdir: str, init_dir: str | None = None) -> dic
       step += 1
       if progress is not None:
         progress(step)
-      stop = preemption.requested or ckpt.manager.reached_preemption(step)
+      stop = preemption.requested or ckpt.preempted(step)
       log_now = step % config.log_every_steps == 0 or step == total_steps
       save_now = stop or step == total_steps or ckpt.should_save(step)
       if log_now or save_now:
