@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from ddae_jax import checkpoints, config_lib, flops, metrics, sharding
+from ddae_jax import checkpoints, config_lib, flops, metrics, pretrained, sharding
 from ddae_jax import train_step as ts
 from ddae_jax.data import pipeline, sources
 
@@ -53,6 +53,8 @@ def train_and_evaluate(config, workdir: str, init_dir: str | None = None) -> dic
                                jax.process_index(), jax.process_count())
   with config.unlocked():
     config.num_train_images = source.num_examples  # epochs count this dataset's images
+  # Evaluation, analysis and export read the model back from here.
+  pretrained.save_config(workdir, config)
   total_steps = config_lib.total_steps(config)
   built = ts.build(config, devices)
   state, step_fn, mesh = built["state"], built["step"], built["mesh"]

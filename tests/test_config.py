@@ -17,12 +17,30 @@ def load(path, arg=""):
   return runpy.run_path(path)["get_config"](arg)
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
-@pytest.mark.parametrize("variant", ["", *config_lib.VARIANTS])
-def test_every_config_and_variant_loads_and_validates(path, variant):
-  config = load(path, variant)
+def _check_pretraining(config):
   config_lib.validate(config, num_devices=8)
   assert config_lib.total_steps(config) >= 1
+
+
+def _config_cases():
+  """(path, variant, check) for every config file and each of its variants.
+
+  A config module may name its own `VARIANTS` (default: the pretraining
+  ones) and a `check(config)` that validates a loaded config (default:
+  the pretraining validation).
+  """
+  for path in CONFIGS:
+    module = runpy.run_path(path)
+    check = module.get("check", _check_pretraining)
+    for variant in ("", *module.get("VARIANTS", config_lib.VARIANTS)):
+      yield pytest.param(path, variant, check,
+                         id=f"{os.path.basename(path)}:{variant}" if variant
+                         else os.path.basename(path))
+
+
+@pytest.mark.parametrize("path,variant,check", list(_config_cases()))
+def test_every_config_and_variant_loads_and_validates(path, variant, check):
+  check(load(path, variant))
 
 
 def test_paper_defaults():

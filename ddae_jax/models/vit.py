@@ -2,8 +2,10 @@
 
 Parameter names follow timm (`patch_embed`, `cls_token`, `block_{i}/norm1`,
 `attn/qkv`, `attn/proj`, `norm2`, `mlp/fc1`, `mlp/fc2`, `norm`) so weights map
-one to one; position embeddings are MAE's fixed 2-D sin-cos table, not
-parameters. Initialisation follows MAE (xavier-uniform linears, normal(0.02)
+one to one. Position embeddings are MAE's fixed 2-D sin-cos table: a constant
+in pretraining (`pos_embed="sincos"`), or a parameter `pos_embed` initialised
+from that table (`pos_embed="learned"`), as MAE's fine-tuning and timm have
+it. Initialisation follows MAE (xavier-uniform linears, normal(0.02)
 class token, zero biases).
 """
 
@@ -77,13 +79,23 @@ class Attention(nn.Module):
   num_heads: int
   dtype: Any = jnp.float32
   attention_impl: str | None = None  # None: XLA picks; "cudnn" or "xla" to force.
+  # Computes the softmax explicitly and sows it as intermediates/attention
+  # [B, heads, T, T] (float32) for analysis; the fused kernel never forms it.
+  capture_attention: bool = False
 
   @nn.compact
   def __call__(self, x):
     b, t, d = x.shape
     qkv = nn.Dense(3 * d, dtype=self.dtype, kernel_init=dense_init, name="qkv")(x)
     q, k, v = jnp.moveaxis(qkv.reshape(b, t, 3, self.num_heads, d // self.num_heads), 2, 0)
-    out = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
+    if self.capture_attention:
+      scale = (d // self.num_heads) ** -0.5
+      logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * scale
+      probs = jax.nn.softmax(logits, axis=-1)
+      self.sow("intermediates", "attention", probs)
+      out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+    else:
+      out = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
     return nn.Dense(d, dtype=self.dtype, kernel_init=dense_init, name="proj")(
         out.reshape(b, t, d))
 
@@ -114,6 +126,7 @@ class Block(nn.Module):
   drop_path: float = 0.0
   dtype: Any = jnp.float32
   attention_impl: str | None = None
+  capture_attention: bool = False
 
   def _drop(self, x, deterministic):
     if deterministic or self.drop_path == 0.0:
@@ -125,7 +138,8 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
-    y = Attention(self.num_heads, self.dtype, self.attention_impl, name="attn")(
+    y = Attention(self.num_heads, self.dtype, self.attention_impl, self.capture_attention,
+                  name="attn")(
         layer_norm("norm1", self.dtype)(x))
     x = x + self._drop(y, deterministic)
     y = Mlp(int(x.shape[-1] * self.mlp_ratio), self.dtype, name="mlp")(
@@ -143,6 +157,9 @@ class ViTEncoder(nn.Module):
       gives each intermediate block its own LayerNorm (the last block uses the
       final norm `norm`); "final" applies the final norm to every one.
     remat: recompute each block in the backward pass instead of storing it.
+    pos_embed: "sincos" (a fixed table, pretraining) or "learned" (a parameter
+      [1, 1 + N, width] initialised from the table, fine-tuning and timm).
+    capture_attention: sow every block's attention probabilities (analysis).
   """
   patch_size: int = 16
   width: int = 768
@@ -155,6 +172,8 @@ class ViTEncoder(nn.Module):
   dtype: Any = jnp.float32
   attention_impl: str | None = None
   remat: bool = False
+  pos_embed: str = "sincos"
+  capture_attention: bool = False
 
   @nn.compact
   def __call__(self, images, ids_keep=None, deterministic: bool = True):
@@ -174,7 +193,13 @@ class ViTEncoder(nn.Module):
     b, h, w, _ = images.shape
     p = self.patch_size
     grid = (h // p, w // p)
-    pos = jnp.asarray(sincos_pos_embed(self.width, grid))
+    table = sincos_pos_embed(self.width, grid)
+    if self.pos_embed == "learned":
+      pos = self.param("pos_embed", lambda _: jnp.asarray(table)[None])[0]
+    elif self.pos_embed == "sincos":
+      pos = jnp.asarray(table)
+    else:
+      raise ValueError(f"pos_embed={self.pos_embed!r}: allowed 'sincos', 'learned'")
     patches = patchify(images, p)
     patch_pos = jnp.broadcast_to(pos[None, 1:], (b,) + pos[1:].shape)
     if ids_keep is not None:
@@ -196,7 +221,8 @@ class ViTEncoder(nn.Module):
     hidden, features = [], []
     for i in range(1, self.depth + 1):
       x = block_cls(self.num_heads, self.mlp_ratio, float(dpr[i - 1]), self.dtype,
-                    self.attention_impl, name=f"block_{i - 1}")(x, deterministic)
+                    self.attention_impl, self.capture_attention,
+                    name=f"block_{i - 1}")(x, deterministic)
       if i in norms:
         hidden.append(x)
         features.append(norms[i](x))

@@ -1,0 +1,162 @@
+"""Encoders out of pretraining runs: what evaluation, analysis and export restore.
+
+A pretraining workdir holds `checkpoints/<step>/state` (the whole train state:
+`params/encoder` is the online encoder theta, `ema_params` the momentum
+encoder theta') and `config.json` (the run's config). `convert import` writes
+the same layout with only the encoder, so every consumer reads both the same
+way. Checkpoints restore onto the host CPU: the caller places the encoder on
+its own mesh, and a pretraining run's optimizer state never touches an
+accelerator.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+from ddae_jax.checkpoints import CheckpointMissing
+
+ENCODERS = ("online", "ema")
+
+
+class CheckpointMismatch(ValueError):
+  """A checkpoint's encoder differs from the one the config builds."""
+
+
+def checkpoint_dir(workdir) -> epath.Path:
+  """`workdir/checkpoints` when present, else `workdir` itself (a bare checkpoint dir)."""
+  workdir = epath.Path(workdir)
+  return workdir / "checkpoints" if (workdir / "checkpoints").exists() else workdir
+
+
+def _manager(directory) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(
+      directory, options=ocp.CheckpointManagerOptions(create=False, read_only=True),
+      item_handlers={"state": ocp.StandardCheckpointHandler(),
+                     "data": ocp.JsonCheckpointHandler()})
+
+
+def load_config(workdir) -> ml_collections.ConfigDict | None:
+  """The config a run saved in `workdir/config.json`, or None if it has none."""
+  path = epath.Path(workdir) / "config.json"
+  if not path.exists():
+    return None
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def save_config(workdir, config) -> None:
+  """Writes `config` to `workdir/config.json` (process 0 only; readable by load_config)."""
+  if jax.process_index() == 0:
+    path = epath.Path(workdir)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def restore_state(workdir, step: int | None = None) -> tuple[dict, int]:
+  """(the whole saved state as host NumPy arrays, its step).
+
+  Args:
+    workdir: a pretraining workdir or a checkpoint directory.
+    step: which checkpoint; None = the latest.
+  """
+  directory = checkpoint_dir(workdir)
+  if not directory.exists():
+    raise CheckpointMissing(f"no checkpoint directory: {workdir} does not exist")
+  manager = _manager(directory)
+  step = manager.latest_step() if step is None else step
+  if step is None or step not in manager.all_steps():
+    raise CheckpointMissing(
+        f"no checkpoint {'at step ' + str(step) if step is not None else ''} in {directory}"
+        f" (found steps {sorted(manager.all_steps())})")
+  metadata = manager.item_metadata(step)["state"]
+  cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+  abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=cpu),
+                          metadata)
+  state = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract)))["state"]
+  manager.close()
+  return jax.tree.map(np.asarray, dict(state)), step
+
+
+def encoder_from_state(state: dict, which: str = "ema") -> dict:
+  """The online ("online") or momentum ("ema") encoder parameters of a train state."""
+  if which not in ENCODERS:
+    raise ValueError(f"encoder={which!r} is invalid: allowed {ENCODERS}")
+  if which == "ema":
+    if "ema_params" not in state:
+      raise CheckpointMismatch(
+          "encoder='ema' but this checkpoint has no momentum encoder (the run had "
+          "distillation off); use encoder='online'")
+    return state["ema_params"]
+  return state["params"]["encoder"]
+
+
+def describe(encoder_params: dict) -> dict:
+  """{width, depth, patch_size, num_patches (or None)} read off encoder parameter shapes."""
+  kernel = np.shape(encoder_params["patch_embed"]["kernel"])
+  depth = sum(1 for k in encoder_params if k.startswith("block_"))
+  pos = encoder_params.get("pos_embed")
+  return {"width": kernel[1], "depth": depth, "patch_size": int(round((kernel[0] / 3) ** 0.5)),
+          "num_patches": None if pos is None else np.shape(pos)[1] - 1}
+
+
+def _flat(tree) -> dict:
+  return {"/".join(str(getattr(k, "key", k)) for k in path): np.shape(leaf)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def check_encoder(found: dict, expected: dict, ignore: tuple[str, ...] = (),
+                  what: str = "checkpoint") -> None:
+  """Raises CheckpointMismatch listing every missing, unexpected or misshapen parameter.
+
+  Args:
+    found: the parameters read from the checkpoint (arrays or ShapeDtypeStructs).
+    expected: the parameters the config's model builds (same).
+    ignore: top-level names that may differ (e.g. "pos_embed", resized elsewhere).
+  """
+  f = {k: v for k, v in _flat(found).items() if k.split("/")[0] not in ignore}
+  e = {k: v for k, v in _flat(expected).items() if k.split("/")[0] not in ignore}
+  lines = [f"  shape mismatch: {k} expected {e[k]}, found {f[k]}"
+           for k in sorted(e.keys() & f.keys()) if tuple(e[k]) != tuple(f[k])]
+  lines += [f"  missing from the {what}: {k} {e[k]}" for k in sorted(e.keys() - f.keys())]
+  lines += [f"  unexpected in the {what}: {k} {f[k]}" for k in sorted(f.keys() - e.keys())]
+  if lines:
+    fd, ed = describe(found), describe(expected)
+    raise CheckpointMismatch(
+        f"the {what} holds a ViT of width {fd['width']}, depth {fd['depth']}, patch "
+        f"{fd['patch_size']}; the config expects width {ed['width']}, depth {ed['depth']}, "
+        f"patch {ed['patch_size']}:\n" + "\n".join(lines[:80])
+        + (f"\n  ... and {len(lines) - 80} more" if len(lines) > 80 else ""))
+
+
+def load_encoder(workdir, which: str = "ema", step: int | None = None) -> tuple[dict, int]:
+  """(encoder parameters as host NumPy arrays, step) from a pretraining or imported run."""
+  state, step = restore_state(workdir, step)
+  return encoder_from_state(state, which), step
+
+
+def save_encoder(workdir, encoder_params: dict, config=None, step: int = 0) -> None:
+  """Writes an encoder-only checkpoint in the pretraining layout (`convert import`).
+
+  The same parameters go in as the online and the momentum encoder, so
+  `load_encoder(..., which=...)` works with either choice.
+  """
+  workdir = epath.Path(workdir)
+  params = jax.tree.map(np.asarray, encoder_params)
+  state = {"step": np.asarray(step, np.int32), "params": {"encoder": params},
+           "ema_params": params}
+  manager = ocp.CheckpointManager(
+      workdir / "checkpoints", options=ocp.CheckpointManagerOptions(create=True),
+      item_names=("state", "data"))
+  manager.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state),
+      data=ocp.args.JsonSave({"positions": [0], "process_count": 1})), force=True)
+  manager.wait_until_finished()
+  manager.close()
+  if config is not None:
+    save_config(workdir, config)
