@@ -16,7 +16,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def env(devices: int, tensorboard: bool = False) -> dict:
+  # PYTHONPATH: the subprocess imports this checkout, whatever is pip-installed.
   e = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
+           PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])),
            XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}")
   if not tensorboard:
     e["DDAE_NO_TENSORBOARD"] = "1"
