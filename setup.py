@@ -17,6 +17,7 @@ CORE = [
     "ml-collections>=0.1.1",
     "numpy>=1.26",
     "absl-py>=1.4",
+    "safetensors>=0.4",        # convert: timm/MAE weights in and out
 ]
 DATA = [
     "tensorflow-cpu>=2.16",   # only the input pipeline; the step imports no tensorflow

@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 
 from ddae_jax.data.sources import SOURCES
-from ddae_jax.models.vit import FEATURE_NORMS, VIT_SIZES
+from ddae_jax.models.vit import FEATURE_NORMS, POS_EMBEDS, VIT_SIZES
 from ddae_jax.objectives.ddae import NORMALIZERS, TARGET_NORMS
 from ddae_jax.objectives.masking import MASKINGS
 
@@ -40,6 +40,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.remat = False            # recompute blocks in the backward pass
   # f^(g_i) = LayerNorm(block g_i output): its own per block, or the final one.
   c.model.feature_norm = "per_block"
+  c.model.pos_embed = "sincos"     # "learned": a parameter (imported timm/MAE weights)
 
   c.masking = ml_collections.ConfigDict()
   c.masking.kind = "blockwise"     # section 4.1: blockwise masking
@@ -262,6 +263,7 @@ def validate(config, num_devices: int | None = None) -> None:
   _one_of(config, "model.dtype", DTYPES)
   _one_of(config, "model.attention_impl", ATTENTION_IMPLS)
   _one_of(config, "model.feature_norm", FEATURE_NORMS)
+  _one_of(config, "model.pos_embed", POS_EMBEDS)
   _one_of(config, "masking.kind", MASKINGS)
   _one_of(config, "dds.normalizer", NORMALIZERS)
   _one_of(config, "distill.target_norm", TARGET_NORMS)

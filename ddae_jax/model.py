@@ -49,7 +49,7 @@ class DDAE:
     self.encoder = ViTEncoder(
         patch_size=config.model.patch_size, width=width, depth=depth, num_heads=heads,
         feature_blocks=self.blocks, feature_norm=config.model.feature_norm, dtype=dtype,
-        attention_impl=attn, remat=config.model.remat)
+        attention_impl=attn, remat=config.model.remat, pos_embed=config.model.pos_embed)
     p = config.pixel
     self.pixel_decoder = Decoder(
         width=p.decoder_width, depth=p.decoder_depth, num_heads=p.decoder_heads,

@@ -70,6 +70,7 @@ def test_paper_defaults():
     ("model.image_size", 225, "multiple of model.patch_size"),
     ("model.size", "huge", "base"),
     ("model.dtype", "float8", "bfloat16"),
+    ("model.pos_embed", "rope", "learned"),
     ("dds.blocks", (3, 13), "[1, 12]"),
     ("dds.blocks", (0, 12), "[1, 12]"),
     ("dds.blocks", (6, 3), "increasing"),

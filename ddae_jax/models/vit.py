@@ -26,6 +26,7 @@ VIT_SIZES = {
     "large": (1024, 24, 16),
 }
 FEATURE_NORMS = ("per_block", "final")
+POS_EMBEDS = ("sincos", "learned")
 
 dense_init = nn.initializers.xavier_uniform()
 
@@ -199,7 +200,7 @@ class ViTEncoder(nn.Module):
     elif self.pos_embed == "sincos":
       pos = jnp.asarray(table)
     else:
-      raise ValueError(f"pos_embed={self.pos_embed!r}: allowed 'sincos', 'learned'")
+      raise ValueError(f"pos_embed={self.pos_embed!r}: allowed {POS_EMBEDS}")
     patches = patchify(images, p)
     patch_pos = jnp.broadcast_to(pos[None, 1:], (b,) + pos[1:].shape)
     if ids_keep is not None:
