@@ -22,6 +22,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from etils import epath
 
@@ -56,32 +57,57 @@ def _torch():
 
 
 def _to_numpy(tree):
-  """Tensors (nested in dicts) to float32/int NumPy; other leaves kept as they are."""
+  """Tensors and arrays (nested in dicts) to NumPy, floats as float32; other leaves kept."""
   if isinstance(tree, dict):
     return {k: _to_numpy(v) for k, v in tree.items()}
-  if hasattr(tree, "detach"):
+  if hasattr(tree, "detach"):  # a torch tensor
     t = tree.detach().cpu()
     return (t.float() if t.is_floating_point() else t).numpy()
+  if isinstance(tree, np.ndarray) and (np.issubdtype(tree.dtype, np.floating)
+                                       or tree.dtype == ml_dtypes.bfloat16):
+    return tree.astype(np.float32, copy=False)
   return tree
 
 
+def _read_safetensors(path) -> dict:
+  """{name: array} of a safetensors file; bfloat16 through ml_dtypes (NumPy has none)."""
+  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+  try:
+    return load_file(str(path))
+  except TypeError:  # "data type 'bfloat16' not understood"
+    pass
+  # The format: an 8-byte little-endian header size, a JSON header, the raw bytes.
+  data = epath.Path(path).read_bytes()
+  size = int.from_bytes(data[:8], "little")
+  header = json.loads(data[8:8 + size])
+  dtypes = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32,
+            "F64": np.float64, "I64": np.int64, "I32": np.int32, "U8": np.uint8, "BOOL": bool}
+  body = data[8 + size:]
+  return {name: np.frombuffer(body[slice(*t["data_offsets"])], dtypes[t["dtype"]])
+          .reshape(t["shape"]) for name, t in header.items() if name != "__metadata__"}
+
+
 def read_state_dict(path) -> dict:
-  """{name: array} (possibly nested, e.g. MAE's {"model": ...}) from a weights file."""
+  """{name: array} (possibly nested, e.g. MAE's {"model": ...}) from a weights file.
+
+  Floating-point tensors come back as float32, the dtype of our parameters.
+  """
   suffix = _suffix(path)
   if not epath.Path(path).exists():
     raise ConvertError(f"{path} does not exist")
   if suffix in SAFETENSORS:
-    from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
-    return load_file(str(path))
+    return _to_numpy(_read_safetensors(path))
   torch = _torch()
   try:
     raw = torch.load(str(path), map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as err:
     # weights_only refuses arbitrary objects (MAE's training checkpoints hold
     # an argparse.Namespace): never unpickle code from a downloaded file.
+    why = next((line for line in str(err).splitlines() if "Unsupported global" in line),
+               str(err).splitlines()[0])
     raise ConvertError(
         f"{path} holds objects other than tensors, which are not loaded (weights_only=True): "
-        f"{str(err).splitlines()[0]}. If you trust the file, save its state dict alone: "
+        f"{why.strip()} If you trust the file, save its state dict alone: "
         "torch.save(torch.load(PATH, weights_only=False)['model'], 'clean.pth')") from None
   if not isinstance(raw, dict):
     raise ConvertError(f"{path} holds a {type(raw).__name__}, not a state dict")
@@ -273,7 +299,7 @@ def _parser() -> argparse.ArgumentParser:
                   help="resolution of the exported pos_embed (default: the run's image size); "
                        "sin-cos tables are rebuilt exactly, learned ones resampled bicubically")
   im = sub.add_parser("import", help="a timm/MAE .pth/.safetensors -> Orbax encoder checkpoint")
-  im.add_argument("--from", dest="source", required=True,
+  im.add_argument("--from", dest="source", required=True, metavar="PATH",
                   help="timm or MAE weights: .safetensors, .pth, .pt or .bin")
   im.add_argument("--out", required=True,
                   help="new directory for checkpoints/ and config.json (restored by "

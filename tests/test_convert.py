@@ -1,6 +1,7 @@
 """timm/MAE interop: export loads strictly into timm with the same features, import
 reproduces timm's forward, round trips are exact, wrong files fail with names and shapes."""
 
+import argparse
 import os
 import subprocess
 import sys
@@ -228,3 +229,16 @@ def test_wrong_architecture_and_missing_keys_list_names_and_shapes(imported, tmp
   with pytest.raises(SystemExit, match="one flat dict"):
     convert.main(["export", f"--workdir={root / 'run'}", f"--out={tmp_path / 'x.safetensors'}",
                   "--layout=mae_pretrain"])
+
+
+def test_reads_bfloat16_safetensors_and_refuses_pickled_objects(tmp_path):
+  from safetensors.torch import save_file as torch_save_file  # pylint: disable=C0415
+  weights = torch.randn(3, 5).to(torch.bfloat16)
+  torch_save_file({"w": weights}, str(tmp_path / "bf16.safetensors"))
+  got = convert.read_state_dict(tmp_path / "bf16.safetensors")["w"]
+  assert got.dtype == np.float32
+  np.testing.assert_array_equal(got, weights.float().numpy())
+  # MAE's training checkpoints carry an argparse.Namespace: not unpickled.
+  torch.save({"model": {"w": weights}, "args": argparse.Namespace(lr=1.0)}, tmp_path / "t.pth")
+  with pytest.raises(SystemExit, match="objects other than tensors.*argparse.Namespace"):
+    convert.main(["import", f"--from={tmp_path / 't.pth'}", f"--out={tmp_path / 'run'}"])
