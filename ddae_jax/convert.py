@@ -150,15 +150,18 @@ def _square_side(num_patches: int) -> int:
 
 def timm_recipe(size: str, patch: int, image_size: int, num_classes: int, layout: str) -> str:
   """The PyTorch line that builds the model an export loads into with strict=True."""
+  width, depth, heads = VIT_SIZES[size]
   if layout == "mae_vit":
     return (f"models_vit.vit_{size}_patch{patch}(num_classes={num_classes}, global_pool=True)"
             f"  # MAE's repository; timm: global_pool='avg'")
-  width, depth, heads = VIT_SIZES[size]
   if size in ("small", "base", "large"):
-    return f"timm.create_model('vit_{size}_patch{patch}_{image_size}', num_classes={num_classes})"
-  return (f"timm.models.vision_transformer.VisionTransformer(img_size={image_size}, "
-          f"patch_size={patch}, embed_dim={width}, depth={depth}, num_heads={heads}, "
-          f"num_classes={num_classes})")
+    model = f"timm.create_model('vit_{size}_patch{patch}_{image_size}', num_classes={num_classes})"
+  else:
+    model = (f"timm.models.vision_transformer.VisionTransformer(img_size={image_size}, "
+             f"patch_size={patch}, embed_dim={width}, depth={depth}, num_heads={heads}, "
+             f"num_classes={num_classes})")
+  # mae_pretrain nests the same keys: MAE's main_finetune.py --finetune reads it.
+  return model + ("  # load torch.load(FILE)['model']" if layout == "mae_pretrain" else "")
 
 
 def _expected_encoder(config, image_size: int) -> dict:
@@ -202,13 +205,12 @@ def export_checkpoint(workdir, out, which: str = "online", layout: str = "timm",
       raise ConvertError(f"{workdir} has no config.json and the encoder no position table: "
                          "pass --image_size")
     image_size = _square_side(arch["num_patches"]) * arch["patch_size"]
-  patch = arch["patch_size"]
+  patch, size = arch["patch_size"], _size_name(arch["width"], arch["depth"])
   if image_size % patch:
     raise ConvertError(f"--image_size={image_size} is not a multiple of the patch size {patch}")
   grid = (image_size // patch, image_size // patch)
   sd = timm_weights.encoder_params_to_timm(params, arch["depth"], patch, grid, layout,
                                            num_classes)
-  size = _size_name(arch["width"], arch["depth"])
   recipe = timm_recipe(size, patch, image_size, num_classes, layout)
   write_state_dict(sd, out, nest_under="model" if layout == "mae_pretrain" else None,
                    metadata={"layout": layout, "create": recipe, "step": str(step),
