@@ -87,9 +87,11 @@ def test_class_token_map_lands_on_the_constructed_patch():
 
 
 def test_distance_map_panels_are_the_core_distance_map():
-  # (The CLI test covers random masks; each blockwise ratio is its own compile.)
-  panels = distance.distance_map_panels((14, 14), (0.5, 0.9), ("blockwise",))
-  assert [(p["kind"], p["ratio"]) for p in panels] == [("blockwise", 0.5), ("blockwise", 0.9)]
+  # One blockwise ratio: each is its own compile of the mask's while loop.
+  panels = distance.distance_map_panels((14, 14), (0.5, 0.9), ("random",))
+  panels += distance.distance_map_panels((14, 14), (0.75,), ("blockwise",))
+  assert [(p["kind"], p["ratio"]) for p in panels] == [
+      ("random", 0.5), ("random", 0.9), ("blockwise", 0.75)]
   for p in panels:
     mask = p["mask"]
     assert mask.sum() == num_masked(p["ratio"], (14, 14))
@@ -194,7 +196,7 @@ def test_cli_writes_every_figure_and_its_numbers(tiny_run, tmp_path):
   dist = analyze.main(["attention-distance", "--workdir", run, *common])
   recon = analyze.main(["reconstruct", "--workdir", run, *common])
   curves = analyze.main(["beta", "--workdir", run, "--x", "epoch", "--out", str(tmp_path)])
-  fig2 = analyze.main(["distance-maps", "--grid", "6", "--ratios", "0.5,0.9", "--kinds",
+  fig2 = analyze.main(["distance-maps", "--grid", "14", "--ratios", "0.5,0.9", "--kinds",
                        "random", "--out", str(tmp_path)])
   for name in analyze.COMMANDS:
     assert (tmp_path / f"{name}.png").stat().st_size > 1000
@@ -211,5 +213,5 @@ def test_cli_writes_every_figure_and_its_numbers(tiny_run, tmp_path):
   assert curves["runs"][workdir.name]["beta/shared/block_4"]["value"] == pytest.approx(
       [0.6, 0.5, 0.4])
   for p in fig2["panels"]:
-    core = distance_map(jnp.asarray(p["mask"]).reshape(1, -1), (6, 6))
+    core = distance_map(jnp.asarray(p["mask"]).reshape(1, -1), (14, 14))
     np.testing.assert_allclose(np.asarray(p["distance"]).reshape(-1), core[0], atol=1e-5)

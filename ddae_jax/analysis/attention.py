@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddae_jax import config_lib
 from ddae_jax.models.vit import ViTEncoder
 
 
@@ -54,7 +55,8 @@ def mean_attention_distance(attention: jax.Array, grid: tuple[int, int],
   patches = attention[:, :, 1:, 1:].astype(jnp.float32)  # patch queries x patch keys
   mass = jnp.sum(patches, axis=-1)  # [B, H, N]
   dist = jnp.asarray(patch_pixel_distances(grid, patch_size))
-  per_query = jnp.einsum("bhqk,qk->bhq", patches, dist) / mass
+  # A query whose whole mass sits on the class token (underflow) counts as 0, not NaN.
+  per_query = jnp.einsum("bhqk,qk->bhq", patches, dist) / jnp.maximum(mass, 1e-30)
   return {"distance": jnp.mean(per_query, axis=(0, 2)),
           "class_token_mass": jnp.mean(attention[:, :, 1:, 0].astype(jnp.float32),
                                        axis=(0, 2))}
@@ -84,7 +86,6 @@ def upsample_map(patch_map: np.ndarray, patch_size: int) -> np.ndarray:
 
 def analysis_encoder(config, encoder_params: dict) -> ViTEncoder:
   """The config's encoder in float32 with attention capture (matches the checkpoint's params)."""
-  from ddae_jax import config_lib
   width, depth, heads = config_lib.encoder_dims(config)
   # Supervised blocks only add unused feature norms to the output: ask for
   # the last block alone; the extra feature_norm_* parameters are ignored.

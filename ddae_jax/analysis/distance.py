@@ -9,6 +9,12 @@ from ddae_jax.objectives.dynamic_weights import distance_map
 from ddae_jax.objectives.masking import make_mask
 
 
+# Jitted: run op by op, the blockwise mask's while loop costs seconds per ratio.
+_mask = jax.jit(lambda key, grid, ratio, kind: make_mask(key, 1, grid, ratio, kind),
+                static_argnums=(1, 2, 3))
+_distance = jax.jit(distance_map, static_argnums=1)
+
+
 def distance_map_panels(grid: tuple[int, int], ratios, kinds, seed: int = 0) -> list[dict]:
   """One mask per (kind, ratio) and its distance map, as Fig. 2 shows them.
 
@@ -28,8 +34,8 @@ def distance_map_panels(grid: tuple[int, int], ratios, kinds, seed: int = 0) -> 
   panels = []
   for kind in kinds:
     for ratio in ratios:
-      mask = make_mask(jax.random.key(seed), 1, grid, float(ratio), kind)
-      distance = np.asarray(distance_map(mask, grid))[0].reshape(grid)
+      mask = _mask(jax.random.key(seed), tuple(grid), float(ratio), kind)
+      distance = np.asarray(_distance(mask, tuple(grid)))[0].reshape(grid)
       panels.append({"kind": kind, "ratio": float(ratio),
                      "mask": np.asarray(mask)[0].reshape(grid), "distance": distance,
                      "normalized": distance / max(float(distance.max()), 1e-12)})
