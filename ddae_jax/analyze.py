@@ -180,12 +180,18 @@ def cmd_attention_maps(args) -> dict:
 
 def cmd_attention_distance(args) -> dict:
   from ddae_jax.analysis import plots
+  from ddae_jax.analysis.attention import patch_pixel_distances
   results, _ = _attention(args, None)
+  uniform = {}
+  for k, r in results.items():
+    side = r["image_size"] // r["patch_size"]
+    uniform[k] = float(patch_pixel_distances((side, side), r["patch_size"]).mean())
   plots.attention_distance({k: r["distance"] for k, r in results.items()},
-                           os.path.join(args.out, "attention-distance.png"))
+                           os.path.join(args.out, "attention-distance.png"), uniform)
   return {"encoder": args.encoder, "unit": "pixels", "class_token": "excluded",
           "checkpoints": {k: {"workdir": r["workdir"], "step": r["step"],
                               "seconds": round(r["seconds"], 2),
+                              "uniform_attention_distance": round(uniform[k], 3),
                               "distance": _rounded(r["distance"], 3),
                               "class_token_mass": _rounded(r["class_token_mass"], 4)}
                           for k, r in results.items()}}

@@ -105,7 +105,8 @@ def beta_curves(runs: dict[str, dict], path, x: str = "step", zoom_from: float =
     ax.set_ylabel("beta")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-  axes[1].legend(fontsize=7, loc="best")
+  axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+  fig.subplots_adjust(wspace=0.25)
   _save(fig, path)
 
 
@@ -142,12 +143,15 @@ def attention_maps(images: np.ndarray, maps: dict[str, np.ndarray], patch_size: 
   _save(fig, path)
 
 
-def attention_distance(distances: dict[str, np.ndarray], path) -> None:
+def attention_distance(distances: dict[str, np.ndarray], path,
+                       uniform: dict[str, float] | None = None) -> None:
   """Fig. 4: mean attention distance of every head (dots) against the block number.
 
   Args:
     distances: {checkpoint label: float32[depth, heads] in pixels}; one panel each,
       sharing the y-axis so the runs compare directly.
+    uniform: {checkpoint label: the distance of uniform attention}, drawn dashed
+      as the reference between local (below) and global (above) heads.
   """
   plt = _pyplot()
   fig, axes = plt.subplots(1, len(distances), figsize=(4.2 * len(distances), 3.4),
@@ -156,6 +160,9 @@ def attention_distance(distances: dict[str, np.ndarray], path) -> None:
     depth, heads = d.shape
     for h in range(heads):
       ax.scatter(np.arange(1, depth + 1), d[:, h], s=12, label=f"head {h}")
+    if uniform and label in uniform:
+      ax.axhline(uniform[label], color="gray", linestyle="--", linewidth=1,
+                 label="uniform attention")
     ax.set_title(label, fontsize=10)
     ax.set_xlabel("block")
     ax.set_xticks(np.arange(1, depth + 1))
