@@ -19,12 +19,11 @@ import argparse
 import importlib.util
 import json
 import os
+import pathlib
 import sys
 import time
 
 import numpy as np
-
-COMMANDS = ("reconstruct", "distance-maps", "beta", "attention-maps", "attention-distance")
 
 
 # ------------------------------------------------------------------ loading runs
@@ -58,7 +57,7 @@ def load_images(config, split: str | None, num: int, size: int,
   """
   from ddae_jax.data import augment, sources
   if files:
-    raws = [open(f, "rb").read() for f in files[:num]]
+    raws = [pathlib.Path(f).read_bytes() for f in files[:num]]
   else:
     source = sources.make_source(config.data, size, config.seed, 1, 0, 1, split)
     records = source.records(0)
@@ -142,7 +141,7 @@ def cmd_beta(args) -> dict:
 
 def _attention(args, block: int | None) -> tuple[dict, np.ndarray | None]:
   """Runs every checkpoint's encoder on the same images: {label: summary}, display images."""
-  import jax
+  import jax.numpy as jnp
   from ddae_jax import pretrained
   from ddae_jax.analysis import attention
   from ddae_jax.analysis.reconstruction import to_display
@@ -154,7 +153,7 @@ def _attention(args, block: int | None) -> tuple[dict, np.ndarray | None]:
     params = pretrained.encoder_from_state(state, args.encoder)
     size = config.model.image_size
     images = load_images(config, args.split, args.num_images, size, args.image_files)
-    x = normalize_images(jax.numpy.asarray(images))
+    x = normalize_images(jnp.asarray(images))
     start = time.perf_counter()
     summary = attention.attention_summary(attention.analysis_encoder(config, params), params, x,
                                           map_block=block, batch=args.batch)
@@ -197,6 +196,11 @@ def cmd_attention_distance(args) -> dict:
                           for k, r in results.items()}}
 
 
+COMMANDS = {"reconstruct": cmd_reconstruct, "distance-maps": cmd_distance_maps,
+            "beta": cmd_beta, "attention-maps": cmd_attention_maps,
+            "attention-distance": cmd_attention_distance}
+
+
 # ------------------------------------------------------------------------ flags
 def _run_args(p, max_runs: int):
   p.add_argument("--workdir", action="append", required=True,
@@ -223,6 +227,7 @@ def parser() -> argparse.ArgumentParser:
   def add(name, help_, max_runs=None):
     p = sub.add_parser(name, help=help_, description=help_)
     p.add_argument("--out", default=".", help="output directory (created if missing)")
+    p.set_defaults(max_runs=max_runs or 0)
     if max_runs:
       _run_args(p, max_runs)
     return p
@@ -267,12 +272,11 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> dict:
   """Runs one command; returns what it wrote to <out>/<command>.json."""
   args = parser().parse_args(argv)
-  limits = {"reconstruct": 1, "attention-maps": 2, "attention-distance": 2, "beta": 8}
-  if len(getattr(args, "workdir", None) or []) > limits.get(args.command, 0):
-    raise SystemExit(f"{args.command} takes at most {limits[args.command]} --workdir")
+  if len(getattr(args, "workdir", None) or []) > args.max_runs:
+    raise SystemExit(f"{args.command} takes at most {args.max_runs} --workdir")
   os.makedirs(args.out, exist_ok=True)
   start = time.perf_counter()
-  result = globals()["cmd_" + args.command.replace("-", "_")](args)
+  result = COMMANDS[args.command](args)
   result["seconds_total"] = round(time.perf_counter() - start, 2)
   path = _write_json(args.out, args.command, result)
   print(f"wrote {os.path.join(args.out, args.command + '.png')} and {path} "
