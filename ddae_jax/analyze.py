@@ -75,7 +75,9 @@ def _labels(args) -> list[str]:
 def _write_json(out: str, name: str, data: dict) -> str:
   path = os.path.join(out, f"{name}.json")
   with open(path, "w") as f:
-    json.dump(data, f, indent=1)
+    # One line per top-level key: readable keys, arrays kept compact.
+    f.write("{\n" + ",\n".join(f" {json.dumps(k)}: {json.dumps(v)}" for k, v in data.items())
+            + "\n}\n")
   return path
 
 
