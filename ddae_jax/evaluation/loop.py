@@ -115,7 +115,7 @@ def fit(config, workdir, state, state_shardings, step_fn, evaluate_fn, make_load
       if step % eval_every == 0 or done:
         results = evaluate_fn(state)
         common.log_eval(writer, step, results)
-      if stop or done or ckpt.should_save(step):
+      if stop or done or step % config.checkpoint_every_steps == 0:
         ckpt.save(step, state, loader.position, force=True)
       if stop:
         logging.warning("Stopped at step %d for preemption; rerun the same command to resume.",
