@@ -62,10 +62,10 @@ def test_finetune_restores_the_encoder_and_takes_sharded_steps(pretrained_dir):
            "erase": np.tile(np.asarray([[2, 3, 5, 4]], np.int32), (16, 1))}
   batch = jax.device_put(batch, built["batch_sharding"])
   losses = []
-  for _ in range(3):
+  for _ in range(2):
     state, metrics = built["step"](state, batch)
     losses.append(float(metrics["loss"]))
-  assert np.isfinite(losses).all() and int(state["step"]) == 3
+  assert np.isfinite(losses).all() and int(state["step"]) == 2
   moved = jax.device_get(state["params"]["encoder"]["patch_embed"]["kernel"])
   assert not np.allclose(moved, params["patch_embed"]["kernel"])  # the encoder trains too
   sums = built["eval_step"](state, dict(batch, mask=jax.device_put(
