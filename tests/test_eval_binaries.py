@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import trainer_utils
-from ddae_jax import eval_config, finetune, knn, pretrained
+from ddae_jax import eval_config, finetune, knn, linear_probe, pretrained
 from ddae_jax.evaluation import classifier
 from ddae_jax.models.vit import sincos_pos_embed
 
@@ -116,3 +116,11 @@ def test_linear_probe_binary_trains_evaluates_and_checkpoints(pretrained_dir, tm
   results = json.loads((tmp_path / "lin" / "results.json").read_text())
   assert results["count"] == 300 and results["step"] == 2
   assert sorted(os.listdir(tmp_path / "lin" / "checkpoints")) == ["2"]
+  # Rerun in-process (8 devices now): restores step 2 onto this mesh, trains no
+  # further, and evaluates the restored probe to the same figures.
+  config = _config("linear_probe", workdir, batch_size=32, eval_batch_size=32, epochs=0.05,
+                   encoder="online", **{"model.pooling": "avg", "optim.warmup_epochs": 0.0})
+  resumed = linear_probe.train_and_evaluate(config, str(tmp_path / "lin"))
+  assert resumed["count"] == 300
+  assert resumed["top1"] == pytest.approx(results["top1"])
+  assert resumed["loss"] == pytest.approx(results["loss"], rel=1e-4)
