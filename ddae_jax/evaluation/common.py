@@ -7,6 +7,7 @@ the jitted step, so accuracies count every validation example exactly once.
 
 from __future__ import annotations
 
+import json
 import logging
 
 import jax
@@ -88,7 +89,6 @@ def log_eval(writer, step: int, results: dict, prefix: str = "eval") -> None:
 def write_results(workdir, results: dict) -> None:
   """Final figures as <workdir>/results.json (process 0), for scripts and the README."""
   if jax.process_index() == 0:
-    import json
     path = epath.Path(workdir)
     path.mkdir(parents=True, exist_ok=True)
     (path / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True))
