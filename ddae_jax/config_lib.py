@@ -145,12 +145,16 @@ def tiny_config() -> ml_collections.ConfigDict:
   return c
 
 
-def apply_variants(config, arg: str):
-  """Applies the comma-separated variants of a config argument, e.g. "ep800,fsdp"."""
+def apply_variants(config, arg: str, variants: dict | None = None):
+  """Applies the comma-separated variants of a config argument, e.g. "ep800,fsdp".
+
+  `variants` maps names to functions that edit a config (default: the pretraining ones).
+  """
+  variants = VARIANTS if variants is None else variants
   for variant in filter(None, (v.strip() for v in (arg or "").split(","))):
-    if variant not in VARIANTS:
-      raise ConfigError(f"unknown config variant {variant!r}: allowed {sorted(VARIANTS)}")
-    VARIANTS[variant](config)
+    if variant not in variants:
+      raise ConfigError(f"unknown config variant {variant!r}: allowed {sorted(variants)}")
+    variants[variant](config)
   return config
 
 
@@ -249,6 +253,15 @@ def _one_of(config, field, allowed):
     _fail(field, value, f"one of {tuple(allowed)}")
 
 
+def check_patch_grid(m) -> None:
+  """model.patch_size > 0 and model.image_size a multiple of it (pretraining and evaluation)."""
+  if m.patch_size <= 0:
+    _fail("model.patch_size", m.patch_size, "a positive integer")
+  if m.image_size <= 0 or m.image_size % m.patch_size:
+    _fail("model.image_size", m.image_size,
+          f"a positive multiple of model.patch_size = {m.patch_size}")
+
+
 def validate(config, num_devices: int | None = None) -> None:
   """Checks every field the train step uses, before any compute.
 
@@ -274,12 +287,7 @@ def validate(config, num_devices: int | None = None) -> None:
   for field in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
     if config[field] < 1:
       _fail(field, config[field], "an integer >= 1")
-  m = config.model
-  if m.patch_size <= 0:
-    _fail("model.patch_size", m.patch_size, "a positive integer")
-  if m.image_size <= 0 or m.image_size % m.patch_size:
-    _fail("model.image_size", m.image_size,
-          f"a positive multiple of model.patch_size = {m.patch_size}")
+  check_patch_grid(config.model)
   if not 0.0 < config.masking.ratio < 1.0:
     _fail("masking.ratio", config.masking.ratio, "a value in the open interval (0, 1)")
   if config.masking.min_patches < 1:

@@ -23,6 +23,9 @@ from ddae_jax.data import augment
 class TrainLoader:
   """Iterator of {"image": uint8[global_batch, S, S, 3]} sharded over the mesh.
 
+  `view(image, rng) -> {name: array}` replaces the pretraining crop (the
+  evaluation protocols' augmentations); `labels=True` adds "label": int32[B].
+
   Attributes:
     position: records of this process's stream consumed by the batches handed
       out so far (checkpoint it; pass it back as `start` to resume).
@@ -31,7 +34,8 @@ class TrainLoader:
 
   def __init__(self, source, sharding, local_batch: int, image_size: int, seed: int,
                start: int = 0, scale=(0.2, 1.0), flip: bool = True, workers: int = 8,
-               prefetch: int = 2):
+               prefetch: int = 2, view=None, labels: bool = False):
+    self.view, self.labels = view, labels
     self.sharding, self.local_batch, self.size = sharding, local_batch, image_size
     self.seed, self.scale, self.flip = seed, tuple(scale), flip
     self.position, self.skipped = start, 0
@@ -44,16 +48,22 @@ class TrainLoader:
     self._thread.start()
 
   def _view(self, record):
-    number, key, image, _ = record
+    number, key, image, label = record
     rng = np.random.default_rng([self.seed, *key])
     try:
-      return augment.pretrain_view(image, rng, self.size, self.scale, self.flip)
+      if self.view is None:
+        out = {"image": augment.pretrain_view(image, rng, self.size, self.scale, self.flip)}
+      else:
+        out = self.view(image, rng)
+      if self.labels:
+        out["label"] = np.int32(label)
+      return out
     except augment.UndecodableImage as err:
       logging.warning("Skipping undecodable image (record %d): %s", number, err)
       return None
 
   def _host_batch(self):
-    """(uint8[local_batch, S, S, 3], position after it, images skipped in it)."""
+    """({name: [local_batch, ...]}, position after it, images skipped in it)."""
     images, skipped, end = [], 0, self._cursor
     while len(images) < self.local_batch:
       chunk = [next(self._records) for _ in range(self.local_batch - len(images))]
@@ -64,7 +74,7 @@ class TrainLoader:
         else:
           images.append(view)
     self._cursor = end
-    return np.stack(images), end, skipped
+    return {k: np.stack([v[k] for v in images]) for k in images[0]}, end, skipped
 
   def _fill(self):
     try:
@@ -86,9 +96,10 @@ class TrainLoader:
     item = self._queue.get()
     if isinstance(item, BaseException):
       raise item
-    images, self.position, skipped = item
+    arrays, self.position, skipped = item
     self.skipped += skipped
-    return {"image": jax.make_array_from_process_local_data(self.sharding, images)}
+    return {k: jax.make_array_from_process_local_data(self.sharding, v)
+            for k, v in arrays.items()}
 
   def close(self):
     self._stop.set()

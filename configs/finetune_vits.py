@@ -1,0 +1,13 @@
+r"""ViT-S/16 fine-tuning on ImageNet-1K: 100 epochs, layer decay 0.75, lr 1.6e-2 at batch 1024.
+
+  python -m ddae_jax.finetune --config=configs/finetune_vits.py \
+      --config.init_dir=gs://BUCKET/ddae_run --workdir=gs://BUCKET/finetune_run
+
+Variants: :quickstart (the embedded digits at the quickstart model), :smoke.
+Defaults and their sources: ddae_jax/eval_config.py.
+"""
+
+from ddae_jax import eval_config
+
+VARIANTS, check = tuple(eval_config.EVAL_VARIANTS), eval_config.config_file_check
+get_config = eval_config.config_file("finetune", "small")

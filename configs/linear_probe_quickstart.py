@@ -1,0 +1,13 @@
+r"""Quickstart linear_probe on the embedded digits, from the quickstart pretraining run.
+
+  python -m ddae_jax.main --config=configs/quickstart.py --workdir=/tmp/ddae_quickstart
+  python -m ddae_jax.linear_probe --config=configs/linear_probe_quickstart.py \
+      --config.init_dir=/tmp/ddae_quickstart --workdir=/tmp/ddae_quickstart_linear_probe
+
+Add --config.random_init=True for the randomly initialised baseline.
+"""
+
+from ddae_jax import eval_config
+
+VARIANTS, check = ("smoke",), eval_config.config_file_check
+get_config = eval_config.config_file("linear_probe", "tiny", base_variant="quickstart")

@@ -1,0 +1,1 @@
+"""Evaluation protocols: fine-tuning, linear probing and k-NN (shared pieces)."""

@@ -1,0 +1,129 @@
+"""The classifiers the protocols train, and how a pretraining encoder goes into them.
+
+Fine-tuning trains `ViTClassifier`: the encoder (learned position table
+initialised from sin-cos), then pooling, then a linear head. Pooling "avg"
+is MAE's global pool: the mean of the last block's raw patch tokens (no class
+token) through a fresh LayerNorm `fc_norm`; "cls" is the class token after
+the encoder's final `norm`. Linear probing and k-NN read `frozen_features`
+with the same two choices (MAE's linear probe: "avg" without a trained
+fc_norm, i.e. the raw mean) and train only `ProbeHead`.
+
+The pretraining encoder also holds `feature_norm_{g}` LayerNorms for its
+supervised intermediate blocks; no classifier reads intermediate blocks, so
+`encoder_for_classifier` drops them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ddae_jax import pretrained
+from ddae_jax.models.vit import VIT_SIZES, ViTEncoder, sincos_pos_embed
+
+
+class ViTClassifier(nn.Module):
+  """Encoder + pooling + head. Parameters: encoder/..., fc_norm (avg only), head."""
+  patch_size: int
+  width: int
+  depth: int
+  num_heads: int
+  num_classes: int
+  pooling: str = "avg"
+  drop_path: float = 0.0
+  dtype: Any = jnp.float32
+  attention_impl: str | None = None
+  remat: bool = False
+  head_init_std: float = 2e-5  # MAE's fine-tuning head: trunc_normal(2e-5)
+
+  @nn.compact
+  def __call__(self, images, deterministic: bool = True):
+    """float[B, H, W, 3] (normalised) -> float32 logits [B, num_classes]."""
+    out = encoder_module(self, pos_embed="learned", name="encoder")(
+        images, deterministic=deterministic)
+    pooled = pool(out, self.pooling)
+    if self.pooling == "avg":
+      pooled = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="fc_norm")(pooled)
+    head = nn.Dense(self.num_classes, dtype=self.dtype, name="head",
+                    kernel_init=nn.initializers.truncated_normal(self.head_init_std))
+    return head(pooled).astype(jnp.float32)
+
+
+class ProbeHead(nn.Module):
+  """MAE's linear-probe head: BatchNorm without affine parameters (eps 1e-6), then linear."""
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, features, train: bool):
+    """float[B, D] -> float32 logits [B, num_classes]; updates batch_stats when train."""
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-6,
+                     use_scale=False, use_bias=False, name="bn")(features.astype(jnp.float32))
+    return nn.Dense(self.num_classes, name="head",
+                    kernel_init=nn.initializers.truncated_normal(0.01))(x)
+
+
+def encoder_module(m, pos_embed: str = "sincos", name: str | None = None) -> ViTEncoder:
+  """The ViTEncoder of a classifier-like module `m` (width, depth, ... attributes)."""
+  return ViTEncoder(patch_size=m.patch_size, width=m.width, depth=m.depth,
+                    num_heads=m.num_heads, feature_blocks=(m.depth,), feature_norm="final",
+                    drop_path=getattr(m, "drop_path", 0.0), dtype=m.dtype,
+                    attention_impl=m.attention_impl, remat=getattr(m, "remat", False),
+                    pos_embed=pos_embed, name=name)
+
+
+def pool(out: dict, pooling: str) -> jax.Array:
+  """ViTEncoder outputs -> [B, D]: "cls" normed class token, "avg" raw patch-token mean."""
+  if pooling == "cls":
+    return out["final"][:, 0]
+  if pooling == "avg":
+    return out["hidden"][:, -1, 1:].mean(axis=1)
+  raise ValueError(f"pooling={pooling!r}: allowed 'avg', 'cls'")
+
+
+def classifier_from_config(config, num_classes: int | None = None) -> ViTClassifier:
+  m = config.model
+  width, depth, heads = VIT_SIZES[m.size]
+  return ViTClassifier(
+      patch_size=m.patch_size, width=width, depth=depth, num_heads=heads,
+      num_classes=num_classes or m.num_classes, pooling=m.pooling,
+      drop_path=m.get("drop_path", 0.0), dtype=jnp.dtype(m.dtype),
+      attention_impl=m.attention_impl or None, remat=m.remat)
+
+
+def frozen_encoder(config) -> ViTEncoder:
+  """The encoder linear probing and k-NN run (fixed sin-cos positions, as pretrained)."""
+  return encoder_module(classifier_from_config(config))
+
+
+def frozen_features(encoder: ViTEncoder, params, images, pooling: str) -> jax.Array:
+  """float[B, H, W, 3] (normalised) -> float32[B, D] features, no gradient."""
+  out = encoder.apply({"params": params}, images)
+  return jax.lax.stop_gradient(pool(out, pooling)).astype(jnp.float32)
+
+
+def expected_encoder(encoder: ViTEncoder, image_size: int):
+  """The encoder's parameter shapes (ShapeDtypeStructs), without computing anything."""
+  images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  return jax.eval_shape(lambda: encoder.init(jax.random.PRNGKey(0), images))["params"]
+
+
+def encoder_for_classifier(found: dict, expected: dict, image_size: int,
+                           patch_size: int, where: str = "checkpoint") -> dict:
+  """A pretraining encoder reshaped for a classifier's encoder, checked against `expected`.
+
+  Drops the intermediate `feature_norm_*` norms; inserts the sin-cos table as
+  `pos_embed` when `expected` has a learned one and the checkpoint has none.
+  Raises pretrained.CheckpointMismatch naming expected and found shapes.
+  """
+  params = {k: v for k, v in found.items() if not k.startswith("feature_norm_")}
+  if "pos_embed" in expected and "pos_embed" not in params:
+    width = np.shape(params.get("patch_embed", {}).get("kernel", (0, 0)))[-1]
+    grid = (image_size // patch_size,) * 2
+    if width and width % 4 == 0:
+      params["pos_embed"] = sincos_pos_embed(width, grid)[None]
+  pretrained.check_encoder(params, expected, what=where)
+  return params
