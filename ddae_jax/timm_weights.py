@@ -13,7 +13,7 @@ import numpy as np
 from ddae_jax.models.vit import sincos_pos_embed
 
 
-def _dense_from_linear(sd, name):
+def dense_from_linear(sd, name):
   return {"kernel": np.asarray(sd[f"{name}.weight"]).T, "bias": np.asarray(sd[f"{name}.bias"])}
 
 
@@ -35,11 +35,11 @@ def encoder_params_from_timm(sd: dict, depth: int) -> dict:
     b = f"blocks.{i}"
     params[f"block_{i}"] = {
         "norm1": _norm_from_timm(sd, f"{b}.norm1"),
-        "attn": {"qkv": _dense_from_linear(sd, f"{b}.attn.qkv"),
-                 "proj": _dense_from_linear(sd, f"{b}.attn.proj")},
+        "attn": {"qkv": dense_from_linear(sd, f"{b}.attn.qkv"),
+                 "proj": dense_from_linear(sd, f"{b}.attn.proj")},
         "norm2": _norm_from_timm(sd, f"{b}.norm2"),
-        "mlp": {"fc1": _dense_from_linear(sd, f"{b}.mlp.fc1"),
-                "fc2": _dense_from_linear(sd, f"{b}.mlp.fc2")},
+        "mlp": {"fc1": dense_from_linear(sd, f"{b}.mlp.fc1"),
+                "fc2": dense_from_linear(sd, f"{b}.mlp.fc2")},
     }
   return params
 
