@@ -229,7 +229,8 @@ def branch_supervision(config, branch: str) -> tuple[tuple[int, ...], tuple[floa
   A DDAE branch with `dds = False` (Table 4) supervises only the last
   supervised block, with uniform weights.
   """
-  if branch in ("pixel", "distill") and not config[branch].dds:
+  # .get: configs saved before these fields existed (config.json) mean DDS on.
+  if branch in ("pixel", "distill") and not config[branch].get("dds", True):
     return supervised_blocks(config)[-1:], (1.0,), False
   return supervised_blocks(config), block_weights(config), bool(config.dds.dynamic)
 
@@ -238,9 +239,10 @@ def beta_branches(config) -> tuple[str, ...]:
   """Which sets of beta the parameters hold: one shared, or one per dynamic branch."""
   if not config.dds.dynamic:
     return ()
-  if config.method == "beitv2":
+  if config.get("method", "ddae") == "beitv2":
     return ("shared",)
-  dynamic = tuple(b for b in ("pixel", "distill") if config[b].enabled and config[b].dds)
+  dynamic = tuple(b for b in ("pixel", "distill")
+                  if config[b].enabled and config[b].get("dds", True))
   if not dynamic or not config.dds.beta_per_branch:
     return ("shared",) if dynamic else ()
   return dynamic

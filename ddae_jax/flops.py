@@ -67,7 +67,7 @@ def beitv2_forward_flops_per_image(config) -> dict:
 
 def forward_flops_per_image(config) -> dict:
   """Forward FLOPs per image of each part of the step (decoders: all their block passes)."""
-  if config.method == "beitv2":
+  if config.get("method", "ddae") == "beitv2":
     return beitv2_forward_flops_per_image(config)
   width, _, _ = config_lib.encoder_dims(config)
   grid = config_lib.grid_size(config)

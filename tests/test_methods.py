@@ -155,6 +155,13 @@ def test_rows_are_the_papers_settings():
   assert "tokenizer" in flops.train_flops_per_image(beit)
 
 
+def test_readme_maps_every_row_to_its_command():
+  readme = open("README.md").read().split("## Reproducing the paper's tables")[1]
+  for rows in ablations.TABLES.values():
+    for row, arg, top1 in rows:
+      assert f"| {row} | `{arg}` | {top1} |" in readme, arg
+
+
 def test_sweep_prints_one_command_per_row(capsys):
   assert sweep.main(["--table=table7", "--workdir_root=gs://b/abl"]) == 0
   lines = [l for l in capsys.readouterr().out.splitlines() if not l.startswith("#")]
