@@ -239,3 +239,33 @@ def test_beitv2_loss_is_masked_cross_entropy_by_hand(variant):
   if not variant:  # plain BEiT-v2: exactly the mean CE over all masked positions
     ce = [-logp[b, 0, n, t[b, n]] for b in range(3) for n in range(16) if m[b, n]]
     np.testing.assert_allclose(float(metrics["mim_loss"]), np.mean(ce), rtol=1e-5)
+
+
+def test_beitv2_flops_match_xla_cost_analysis():
+  """The analytic count (flops.py) against XLA's count of the traced forward, as test_flops."""
+  c = config_lib.base_config()
+  ablations.beitv2_defaults(c)
+  ablations.VARIANTS["dds_beitv2"](c)
+  c.model.size, c.model.image_size, c.model.dtype = "small", 96, "float32"
+  c.tokenizer.size = "small"
+  model = ts.make_model(c)
+  params = jax.eval_shape(model.init, jax.random.PRNGKey(0))
+  tokenizer = jax.eval_shape(model.init_tokenizer, jax.random.PRNGKey(0))
+  raw = jax.ShapeDtypeStruct((2, 96, 96, 3), jnp.uint8)
+
+  def forward(params, tokenizer, raw):
+    mask = masking.make_mask(jax.random.PRNGKey(0), 2, model.grid, c.masking.ratio, "blockwise")
+    targets = model.tokenize(tokenizer, raw)
+    return model.loss(params, raw.astype(jnp.float32), mask, dw.distance_map(mask, model.grid),
+                      targets)[0]
+
+  lowered = jax.jit(forward).lower(params, tokenizer, raw)
+  cost = lowered.cost_analysis() or lowered.compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  analytic = sum(flops.forward_flops_per_image(c).values()) * 2
+  assert 0.85 < analytic / cost["flops"] < 1.02, (analytic, cost["flops"])
+  # Table 4: a branch without DDS decodes one block instead of K = 4.
+  both, none = (runpy.run_path("configs/vitb.py")["get_config"](v)
+                for v in ("dds_both", "dds_none"))
+  assert flops.forward_flops_per_image(both)["distill_decoder"] == pytest.approx(
+      4 * flops.forward_flops_per_image(none)["distill_decoder"])

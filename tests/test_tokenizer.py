@@ -141,6 +141,7 @@ def test_missing_or_mismatched_checkpoint_fails_before_any_compute(checkpoint, m
   with pytest.raises(config_lib.ConfigError, match="config.tokenizer.checkpoint.*nonexistent"):
     ts.build(c, jax.devices()[:8])
   c.tokenizer.checkpoint = checkpoint[0]  # a ViT-B/16 config, a tiny file
-  with pytest.raises(config_lib.ConfigError, match=r"encode_task_layer.0.weight expected \(768, 768\), found \(32, 32\)"):
+  wrong = r"encode_task_layer.0.weight expected \(768, 768\), found \(32, 32\)"
+  with pytest.raises(config_lib.ConfigError, match=wrong):
     ts.build(c, jax.devices()[:8])
   assert not called

@@ -214,7 +214,8 @@ class ViTEncoder(nn.Module):
       # first saves 3/4 of its FLOPs at 75% masking.
       patches = jnp.take_along_axis(patches, ids_keep[..., None], axis=1)
       patch_pos = jnp.take_along_axis(patch_pos, ids_keep[..., None], axis=1)
-    x = nn.Dense(self.width, dtype=self.dtype, kernel_init=dense_init, name="patch_embed")(patches)
+    x = nn.Dense(self.width, dtype=self.dtype, kernel_init=dense_init,
+                 name="patch_embed")(patches)
     if mask is not None:
       mask_token = self.param("mask_token", nn.initializers.normal(0.02), (1, 1, self.width))
       x = jnp.where(mask[..., None], mask_token.astype(x.dtype), x)
