@@ -13,7 +13,7 @@ head on blocks 3, 6, 9, 12 with dynamic weights), :ep800, :smoke, :fsdp.
 
 from ddae_jax import ablations, config_lib
 
-VARIANTS = (*config_lib.VARIANTS, "dds_beitv2")
+VARIANTS = (*config_lib.VARIANTS, "beitv2", "dds_beitv2")
 
 
 def get_config(arg: str = ""):
