@@ -18,6 +18,7 @@ from ddae_jax.models.vit import FEATURE_NORMS, POS_EMBEDS, VIT_SIZES
 from ddae_jax.objectives.ddae import NORMALIZERS, TARGET_NORMS
 from ddae_jax.objectives.masking import MASKINGS
 
+METHODS = ("ddae", "beitv2")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("", "xla", "cudnn")
 IMAGENET_TRAIN_IMAGES = 1_281_167
@@ -30,6 +31,8 @@ class ConfigError(ValueError):
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
+  # "ddae": DDAE and the MAE rows (model.py); "beitv2": BEiT-v2 (beitv2.py).
+  c.method = "ddae"
 
   c.model = ml_collections.ConfigDict()
   c.model.size = "base"            # one of VIT_SIZES
@@ -66,11 +69,22 @@ def base_config() -> ml_collections.ConfigDict:
   c.pixel.decoder_depth = 2
   c.pixel.decoder_heads = 16
   c.pixel.norm_pix = True          # per-patch normalised pixel targets
+  c.pixel.dds = True               # False: last block, uniform weights (Table 4)
 
   c.distill = ml_collections.ConfigDict()
   c.distill.enabled = True
   c.distill.decoder_depth = 2      # width and heads are the encoder's
   c.distill.target_norm = "layernorm"
+  c.distill.dds = True             # False: last block, uniform weights (Table 4)
+
+  # BEiT-v2's frozen VQ-KD tokenizer (method = "beitv2"); its input is the same crop.
+  c.tokenizer = ml_collections.ConfigDict()
+  c.tokenizer.size = "base"        # its ViT, one of VIT_SIZES
+  c.tokenizer.patch_size = 16
+  c.tokenizer.code_dim = 32
+  c.tokenizer.vocab_size = 8192
+  c.tokenizer.checkpoint = ""      # vqkd_encoder_base_decoder_3x768x12_clip-*.pth
+  c.tokenizer.random_weights = False  # True: random tokenizer (tests only)
 
   # Momentum encoder, eq. 4: momentum rises linearly from start to end over
   # ramp_epochs, then stays (paper, 800 epochs: 0.999 -> 0.99999 in 400).
@@ -148,9 +162,12 @@ def tiny_config() -> ml_collections.ConfigDict:
 def apply_variants(config, arg: str, variants: dict | None = None):
   """Applies the comma-separated variants of a config argument, e.g. "ep800,fsdp".
 
-  `variants` maps names to functions that edit a config (default: the pretraining ones).
+  `variants` maps names to functions that edit a config (default: the
+  pretraining ones and the paper's method and ablation rows).
   """
-  variants = VARIANTS if variants is None else variants
+  if variants is None:
+    from ddae_jax import ablations  # the paper's method and ablation rows
+    variants = {**VARIANTS, **ablations.VARIANTS}
   for variant in filter(None, (v.strip() for v in (arg or "").split(","))):
     if variant not in variants:
       raise ConfigError(f"unknown config variant {variant!r}: allowed {sorted(variants)}")
@@ -212,13 +229,29 @@ def block_weights(config) -> tuple[float, ...]:
   return (0.75,) * (k - 1) + (1.0,)
 
 
+def branch_supervision(config, branch: str) -> tuple[tuple[int, ...], tuple[float, ...], bool]:
+  """(blocks g_i, lambda_i, dynamic) of one branch ("pixel", "distill"; BEiT-v2: "mim").
+
+  A DDAE branch with `dds = False` (Table 4) supervises only the last
+  supervised block, with uniform weights.
+  """
+  # .get: configs saved before these fields existed (config.json) mean DDS on.
+  if branch in ("pixel", "distill") and not config[branch].get("dds", True):
+    return supervised_blocks(config)[-1:], (1.0,), False
+  return supervised_blocks(config), block_weights(config), bool(config.dds.dynamic)
+
+
 def beta_branches(config) -> tuple[str, ...]:
-  """Which sets of beta the parameters hold: one shared, or one per enabled branch."""
+  """Which sets of beta the parameters hold: one shared, or one per dynamic branch."""
   if not config.dds.dynamic:
     return ()
-  if not config.dds.beta_per_branch:
+  if config.get("method", "ddae") == "beitv2":
     return ("shared",)
-  return tuple(b for b in ("pixel", "distill") if config[b].enabled)
+  dynamic = tuple(b for b in ("pixel", "distill")
+                  if config[b].enabled and config[b].get("dds", True))
+  if not dynamic or not config.dds.beta_per_branch:
+    return ("shared",) if dynamic else ()
+  return dynamic
 
 
 def beta_init(config) -> np.ndarray:
@@ -262,6 +295,21 @@ def check_patch_grid(m) -> None:
           f"a positive multiple of model.patch_size = {m.patch_size}")
 
 
+def _validate_tokenizer(config):
+  t = config.tokenizer
+  _one_of(config, "tokenizer.size", VIT_SIZES)
+  if t.patch_size != config.model.patch_size:
+    _fail("tokenizer.patch_size", t.patch_size,
+          f"model.patch_size = {config.model.patch_size}: one token per student patch")
+  for field in ("code_dim", "vocab_size"):
+    if t[field] < 1:
+      _fail(f"tokenizer.{field}", t[field], "an integer >= 1")
+  if not (t.checkpoint or t.random_weights):
+    _fail("tokenizer.checkpoint", t.checkpoint,
+          "the path of BEiT-v2's vqkd_encoder_base_decoder_3x768x12_clip-*.pth "
+          "(or tokenizer.random_weights = True, for tests)")
+
+
 def validate(config, num_devices: int | None = None) -> None:
   """Checks every field the train step uses, before any compute.
 
@@ -272,6 +320,7 @@ def validate(config, num_devices: int | None = None) -> None:
   Raises:
     ConfigError naming the field, its value and the allowed values.
   """
+  _one_of(config, "method", METHODS)
   _one_of(config, "model.size", VIT_SIZES)
   _one_of(config, "model.dtype", DTYPES)
   _one_of(config, "model.attention_impl", ATTENTION_IMPLS)
@@ -292,7 +341,9 @@ def validate(config, num_devices: int | None = None) -> None:
     _fail("masking.ratio", config.masking.ratio, "a value in the open interval (0, 1)")
   if config.masking.min_patches < 1:
     _fail("masking.min_patches", config.masking.min_patches, "an integer >= 1")
-  if not (config.pixel.enabled or config.distill.enabled):
+  if config.method == "beitv2":
+    _validate_tokenizer(config)
+  elif not (config.pixel.enabled or config.distill.enabled):
     _fail("pixel.enabled", config.pixel.enabled,
           "True, or distill.enabled = True: at least one branch must train")
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import jax
 
 from ddae_jax import config_lib
+from ddae_jax.models.vit import VIT_SIZES
 from ddae_jax.objectives.masking import num_masked
 
 # Dense bf16 peak TFLOP/s per chip, from the vendors' data sheets.
@@ -45,23 +46,46 @@ def decoder_forward_flops(in_tokens: int, num_patches: int, in_width: int, width
           + 2 * num_patches * width * out_dim)
 
 
+def beitv2_forward_flops_per_image(config) -> dict:
+  """BEiT-v2: the encoder on all patches, the head on the masked ones of K blocks, the tokenizer."""
+  width, _, _ = config_lib.encoder_dims(config)
+  grid = config_lib.grid_size(config)
+  n = grid[0] * grid[1]
+  patch_dim = config.model.patch_size ** 2 * 3
+  blocks = config_lib.supervised_blocks(config)
+  t = config.tokenizer
+  t_width, t_depth, _ = VIT_SIZES[t.size]
+  return {
+      "encoder": encoder_forward_flops(n + 1, width, max(blocks), patch_dim),
+      "lm_head": len(blocks) * 2 * num_masked(config.masking.ratio, grid) * width * t.vocab_size,
+      # ViT, task layer (D -> D -> code_dim), distances to every code.
+      "tokenizer": (encoder_forward_flops(n + 1, t_width, t_depth, patch_dim)
+                    + 2 * n * t_width * (t_width + t.code_dim)
+                    + 2 * n * t.code_dim * t.vocab_size),
+  }
+
+
 def forward_flops_per_image(config) -> dict:
-  """Forward FLOPs per image of each part of the DDAE step (decoders: all K passes)."""
+  """Forward FLOPs per image of each part of the step (decoders: all their block passes)."""
+  if config.get("method", "ddae") == "beitv2":
+    return beitv2_forward_flops_per_image(config)
   width, _, _ = config_lib.encoder_dims(config)
   grid = config_lib.grid_size(config)
   n = grid[0] * grid[1]
   visible = n - num_masked(config.masking.ratio, grid)
   patch_dim = config.model.patch_size ** 2 * 3
   blocks = config_lib.supervised_blocks(config)
-  k, used_depth = len(blocks), max(blocks)  # blocks after the last supervised one never run
+  used_depth = max(blocks)  # blocks after the last supervised one never run
   parts = {"encoder": encoder_forward_flops(visible + 1, width, used_depth, patch_dim)}
+  # A branch without DDS (Table 4) decodes the last block only.
+  branch_k = lambda b: len(config_lib.branch_supervision(config, b)[0])
   if config.pixel.enabled:
     p = config.pixel
-    parts["pixel_decoder"] = k * decoder_forward_flops(
+    parts["pixel_decoder"] = branch_k("pixel") * decoder_forward_flops(
         visible + 1, n, width, p.decoder_width, p.decoder_depth, patch_dim)
   if config.distill.enabled:
     parts["momentum_encoder"] = encoder_forward_flops(n + 1, width, used_depth, patch_dim)
-    parts["distill_decoder"] = k * decoder_forward_flops(
+    parts["distill_decoder"] = branch_k("distill") * decoder_forward_flops(
         visible + 1, n, width, width, config.distill.decoder_depth, width)
   return parts
 
@@ -69,9 +93,10 @@ def forward_flops_per_image(config) -> dict:
 def train_flops_per_image(config) -> dict:
   """FLOPs per image of one train step, by part, and their "total".
 
-  Trained parts cost 3x their forward; the momentum encoder only its forward.
+  Trained parts cost 3x their forward; the frozen ones (momentum encoder,
+  tokenizer) only their forward.
   """
-  parts = {name: f * (1 if name == "momentum_encoder" else 3)
+  parts = {name: f * (1 if name in ("momentum_encoder", "tokenizer") else 3)
            for name, f in forward_flops_per_image(config).items()}
   parts["total"] = sum(parts.values())
   return parts

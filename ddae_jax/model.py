@@ -33,12 +33,23 @@ def normalize_images(images: jax.Array) -> jax.Array:
   return (x - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
 
 
+def make_encoder(config, pos_embed: str | None = None) -> ViTEncoder:
+  """The config's ViT, reporting its supervised blocks g_i (pos_embed: default the config's)."""
+  width, depth, heads = config_lib.encoder_dims(config)
+  return ViTEncoder(
+      patch_size=config.model.patch_size, width=width, depth=depth, num_heads=heads,
+      feature_blocks=config_lib.supervised_blocks(config),
+      feature_norm=config.model.feature_norm, dtype=jnp.dtype(config.model.dtype),
+      attention_impl=config.model.attention_impl or None, remat=config.model.remat,
+      pos_embed=pos_embed or config.model.get("pos_embed", "sincos"))
+
+
 class DDAE:
   """Builds the modules of a config and computes the pretraining loss."""
 
   def __init__(self, config):
     self.config = config
-    width, depth, heads = config_lib.encoder_dims(config)
+    width, _, heads = config_lib.encoder_dims(config)
     dtype = jnp.dtype(config.model.dtype)
     attn = config.model.attention_impl or None
     self.grid = config_lib.grid_size(config)
@@ -46,10 +57,7 @@ class DDAE:
     self.blocks = config_lib.supervised_blocks(config)
     self.block_weights = config_lib.block_weights(config)
     self.beta_branches = config_lib.beta_branches(config)
-    self.encoder = ViTEncoder(
-        patch_size=config.model.patch_size, width=width, depth=depth, num_heads=heads,
-        feature_blocks=self.blocks, feature_norm=config.model.feature_norm, dtype=dtype,
-        attention_impl=attn, remat=config.model.remat, pos_embed=config.model.pos_embed)
+    self.encoder = make_encoder(config)
     p = config.pixel
     self.pixel_decoder = Decoder(
         width=p.decoder_width, depth=p.decoder_depth, num_heads=p.decoder_heads,
@@ -86,13 +94,19 @@ class DDAE:
     """The encoder on visible patches (ids_keep) or all of them (None)."""
     return self.encoder.apply({"params": encoder_params}, images, ids_keep)
 
-  def _weights(self, params, branch, distance, mask):
-    """Loss weights [B, K, N] for one branch: eq. 2 rescaled, or uniform."""
-    if not self.beta_branches:
-      return jnp.broadcast_to(mask[:, None, :], (mask.shape[0], len(self.blocks),
-                                                 mask.shape[1])).astype(jnp.float32)
+  def _branch(self, params, branch, features, distance, mask):
+    """One branch's supervision: (its f^(g_i) [B, K', ...], weights [B, K', N], lambda, blocks).
+
+    K' = K, or 1 (the last supervised block) when the branch's DDS is off (Table 4).
+    """
+    blocks, lambdas, dynamic = config_lib.branch_supervision(self.config, branch)
+    if len(blocks) < len(self.blocks):
+      features = features[:, -1:]
+    if not dynamic:
+      weights = jnp.broadcast_to(mask[:, None, :], (mask.shape[0], len(blocks), mask.shape[1]))
+      return features, weights.astype(jnp.float32), lambdas, blocks
     beta = params["beta"][branch if branch in params["beta"] else "shared"]
-    return loss_weights(distance, mask, beta)
+    return features, loss_weights(distance, mask, beta), lambdas, blocks
 
   def loss(self, params, images, mask, distance, ema_out=None):
     """Eq. 6 for one batch.
@@ -115,25 +129,24 @@ class DDAE:
     pixel_loss = distill_loss = zero
 
     if self.pixel_decoder is not None:
+      feats, weights, lambdas, blocks = self._branch(params, "pixel", features, distance, mask)
       pred = decode_per_block(self.pixel_decoder, {"params": params["pixel_decoder"]},
-                              features, ids_restore, self.grid)
+                              feats, ids_restore, self.grid)
       target = objective.pixel_targets(images, c.model.patch_size, c.pixel.norm_pix)
       per_block = objective.weighted_block_losses(
-          objective.per_patch_error(pred, target),
-          self._weights(params, "pixel", distance, mask), mask, c.dds.normalizer)
-      pixel_loss = objective.deep_loss(per_block, self.block_weights)  # eq. 3
-      metrics.update({f"pixel_loss/block_{g}": per_block[i] for i, g in enumerate(self.blocks)})
+          objective.per_patch_error(pred, target), weights, mask, c.dds.normalizer)
+      pixel_loss = objective.deep_loss(per_block, lambdas)  # eq. 3
+      metrics.update({f"pixel_loss/block_{g}": per_block[i] for i, g in enumerate(blocks)})
 
     if self.distill_decoder is not None:
+      feats, weights, lambdas, blocks = self._branch(params, "distill", features, distance, mask)
       pred = decode_per_block(self.distill_decoder, {"params": params["distill_decoder"]},
-                              features, ids_restore, self.grid)
-      target = objective.feature_targets(ema_out, c.distill.target_norm)
+                              feats, ids_restore, self.grid)
+      target = objective.feature_targets(ema_out, c.distill.target_norm)[:, -len(blocks):]
       per_block = objective.weighted_block_losses(
-          objective.per_patch_error(pred, target),
-          self._weights(params, "distill", distance, mask), mask, c.dds.normalizer)
-      distill_loss = objective.deep_loss(per_block, self.block_weights)  # eq. 5
-      metrics.update({f"distill_loss/block_{g}": per_block[i]
-                      for i, g in enumerate(self.blocks)})
+          objective.per_patch_error(pred, target), weights, mask, c.dds.normalizer)
+      distill_loss = objective.deep_loss(per_block, lambdas)  # eq. 5
+      metrics.update({f"distill_loss/block_{g}": per_block[i] for i, g in enumerate(blocks)})
 
     if self.beta_branches:
       norms = jnp.concatenate([weight_l2_norm(distance, mask, params["beta"][b])

@@ -17,7 +17,7 @@ import optax
 from ddae_jax import config_lib
 from ddae_jax.sharding import path_str
 
-NO_DECAY_NAMES = ("cls_token", "mask_token")
+NO_DECAY_NAMES = ("cls_token", "mask_token", "pos_embed")
 
 
 def param_labels(params):

@@ -42,6 +42,10 @@ class StateDictMismatch(CheckpointMismatch):
   """A state dict is not the ViT it should be: the message lists names and shapes."""
 
 
+def dense_from_linear(sd, name):
+  return {"kernel": np.asarray(sd[f"{name}.weight"]).T, "bias": np.asarray(sd[f"{name}.bias"])}
+
+
 def _final_norm(layout: str) -> str:
   if layout not in LAYOUTS:
     raise ValueError(f"layout={layout!r}: allowed {LAYOUTS}")

@@ -2,8 +2,9 @@
 
 The state is a plain dict, every leaf placed on the mesh by the config's rules:
   step:        int32[]
-  params:      the DDAE parameters (model.py), float32
+  params:      the DDAE (model.py) or BEiT-v2 (beitv2.py) parameters, float32
   ema_params:  the momentum encoder theta' (absent when distillation is off)
+  tokenizer:   BEiT-v2's frozen VQ-KD tokenizer (method = "beitv2" only)
   opt_state:   optax state (beta's Adam moments included)
   rng:         uint32[2], the run's key; step t uses fold_in(rng, t), so a
                resumed run sees exactly the masks it would have seen.
@@ -18,17 +19,27 @@ import jax.numpy as jnp
 import optax
 
 from ddae_jax import config_lib, optim, sharding
+from ddae_jax.beitv2 import BEiTv2, host_tokenizer_matches
 from ddae_jax.model import DDAE, normalize_images
 from ddae_jax.objectives.dynamic_weights import distance_map
 from ddae_jax.objectives.masking import make_mask
 
 
-def init_state(model: DDAE, tx: optax.GradientTransformation, rng: jax.Array) -> dict:
+def make_model(config) -> DDAE | BEiTv2:
+  """The model class of config.method."""
+  return BEiTv2(config) if config.method == "beitv2" else DDAE(config)
+
+
+def init_state(model: DDAE | BEiTv2, tx: optax.GradientTransformation,
+               rng: jax.Array) -> dict:
   param_rng, step_rng = jax.random.split(rng)
   params = model.init(param_rng)
   state = {"step": jnp.zeros((), jnp.int32), "params": params,
            "opt_state": tx.init(params), "rng": step_rng}
-  if model.distill_decoder is not None:
+  if isinstance(model, BEiTv2):
+    # Random here; build() puts the checkpoint's weights in their place.
+    state["tokenizer"] = model.init_tokenizer(jax.random.fold_in(param_rng, 1))
+  elif model.distill_decoder is not None:
     state["ema_params"] = jax.tree.map(jnp.copy, params["encoder"])
   return state
 
@@ -69,13 +80,16 @@ def train_step(model: DDAE, tx, batch_spec, state: dict, batch: dict):
   mask = jax.lax.with_sharding_constraint(mask, batch_spec)
   distance = distance_map(mask, model.grid)
 
-  ema_out = None
+  targets = None
   if "ema_params" in state:
     # The momentum encoder sees every patch; no gradient reaches it.
-    ema_out = jax.lax.stop_gradient(model.encode(state["ema_params"], images))
+    targets = jax.lax.stop_gradient(model.encode(state["ema_params"], images))
+  if "tokenizer" in state:
+    # BEiT-v2: the frozen tokenizer's codes of the un-normalised crop.
+    targets = model.tokenize(state["tokenizer"], batch["image"])
 
   grad_fn = jax.value_and_grad(model.loss, has_aux=True)
-  (_, metrics), grads = grad_fn(state["params"], images, mask, distance, ema_out)
+  (_, metrics), grads = grad_fn(state["params"], images, mask, distance, targets)
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
 
@@ -112,9 +126,15 @@ def build(config, devices=None):
   devices = list(jax.devices() if devices is None else devices)
   config_lib.validate(config, num_devices=len(devices))
   mesh = sharding.make_mesh(config.sharding.mesh, devices)
-  model = DDAE(config)
+  model = make_model(config)
   tx = optim.make_optimizer(config)
+  loaded = None
+  if config.method == "beitv2" and not config.tokenizer.random_weights:
+    loaded = model.load_tokenizer()  # read and checked before any compute
   state, shardings = create_train_state(config, model, tx, mesh)
+  if loaded is not None:
+    host_tokenizer_matches(loaded, state["tokenizer"])
+    state["tokenizer"] = jax.device_put(loaded, shardings["tokenizer"])
   step = make_train_step(model, tx, mesh, shardings)
   return {"mesh": mesh, "model": model, "tx": tx, "state": state,
           "shardings": shardings, "step": step}

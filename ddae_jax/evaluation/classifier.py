@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddae_jax import pretrained
+from ddae_jax import pretrained, timm_weights
 from ddae_jax.models.vit import VIT_SIZES, ViTEncoder, sincos_pos_embed
 
 
@@ -95,8 +95,12 @@ def classifier_from_config(config, num_classes: int | None = None) -> ViTClassif
 
 
 def frozen_encoder(config) -> ViTEncoder:
-  """The encoder linear probing and k-NN run (fixed sin-cos positions, as pretrained)."""
-  return encoder_module(classifier_from_config(config))
+  """The encoder linear probing and k-NN run.
+
+  Positions are a (frozen) parameter: the sin-cos table for our pretraining
+  runs, the checkpoint's own table for imported timm/MAE or BEiT-v2 encoders.
+  """
+  return encoder_module(classifier_from_config(config), pos_embed="learned")
 
 
 def frozen_features(encoder: ViTEncoder, params, images, pooling: str) -> jax.Array:
@@ -115,15 +119,22 @@ def encoder_for_classifier(found: dict, expected: dict, image_size: int,
                            patch_size: int, where: str = "checkpoint") -> dict:
   """A pretraining encoder reshaped for a classifier's encoder, checked against `expected`.
 
-  Drops the intermediate `feature_norm_*` norms; inserts the sin-cos table as
-  `pos_embed` when `expected` has a learned one and the checkpoint has none.
+  Drops what only pretraining uses: the intermediate `feature_norm_*` norms
+  and BEiT-v2's `mask_token`. Inserts the sin-cos table as `pos_embed` when
+  `expected` has a learned one and the checkpoint has none, and resamples a
+  checkpoint's table to this image size's grid (bicubic, as timm).
   Raises pretrained.CheckpointMismatch naming expected and found shapes.
   """
-  params = {k: v for k, v in found.items() if not k.startswith("feature_norm_")}
+  params = {k: v for k, v in found.items()
+            if not k.startswith("feature_norm_") and k != "mask_token"}
+  grid = (image_size // patch_size,) * 2
   if "pos_embed" in expected and "pos_embed" not in params:
     width = np.shape(params.get("patch_embed", {}).get("kernel", (0, 0)))[-1]
-    grid = (image_size // patch_size,) * 2
     if width and width % 4 == 0:
       params["pos_embed"] = sincos_pos_embed(width, grid)[None]
+  elif "pos_embed" in expected and np.shape(params["pos_embed"]) != expected["pos_embed"].shape:
+    pos = np.asarray(params["pos_embed"])
+    if pos.ndim == 3 and pos.shape[-1] == expected["pos_embed"].shape[-1]:
+      params["pos_embed"] = timm_weights.resample_pos_embed(pos, grid)
   pretrained.check_encoder(params, expected, what=where)
   return params

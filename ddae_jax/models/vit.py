@@ -21,6 +21,7 @@ import numpy as np
 # (width, depth, heads) of the standard sizes; "tiny" is for tests and the CPU.
 VIT_SIZES = {
     "tiny": (64, 4, 4),
+    "tiny6": (32, 6, 2),  # tests of K = 6 supervised blocks (Table 6)
     "small": (384, 12, 6),
     "base": (768, 12, 12),
     "large": (1024, 24, 16),
@@ -161,6 +162,11 @@ class ViTEncoder(nn.Module):
     pos_embed: "sincos" (a fixed table, pretraining) or "learned" (a parameter
       [1, 1 + N, width] initialised from the table, fine-tuning and timm).
     capture_attention: sow every block's attention probabilities (analysis).
+
+  Mask-token mode (BEiT): with `mask` given, every patch is encoded and the
+  embeddings of masked patches are replaced by a learned `mask_token`
+  [1, 1, width] before positions are added; the parameter exists only in
+  models initialised with a mask, so visible-token encoders keep their tree.
   """
   patch_size: int = 16
   width: int = 768
@@ -177,13 +183,14 @@ class ViTEncoder(nn.Module):
   capture_attention: bool = False
 
   @nn.compact
-  def __call__(self, images, ids_keep=None, deterministic: bool = True):
-    """Encodes the visible patches.
+  def __call__(self, images, ids_keep=None, deterministic: bool = True, mask=None):
+    """Encodes the visible patches (or all patches, masked ones as [MASK]).
 
     Args:
       images: float[B, H, W, C], normalised.
       ids_keep: int32[B, Nv], visible patches in raster order; None = all N.
       deterministic: False enables stochastic depth (needs a 'dropout' rng).
+      mask: bool[B, N], True = replace by the mask token (BEiT); needs ids_keep=None.
 
     Returns:
       dict with
@@ -209,7 +216,11 @@ class ViTEncoder(nn.Module):
       patches = jnp.take_along_axis(patches, ids_keep[..., None], axis=1)
       patch_pos = jnp.take_along_axis(patch_pos, ids_keep[..., None], axis=1)
     x = nn.Dense(self.width, dtype=self.dtype, kernel_init=dense_init,
-                 name="patch_embed")(patches) + patch_pos.astype(self.dtype)
+                 name="patch_embed")(patches)
+    if mask is not None:
+      mask_token = self.param("mask_token", nn.initializers.normal(0.02), (1, 1, self.width))
+      x = jnp.where(mask[..., None], mask_token.astype(x.dtype), x)
+    x = x + patch_pos.astype(self.dtype)
     cls = self.param("cls_token", nn.initializers.normal(0.02), (1, 1, self.width))
     cls = jnp.broadcast_to((cls + pos[None, :1]).astype(x.dtype), (b, 1, self.width))
     x = jnp.concatenate([cls, x], axis=1)
