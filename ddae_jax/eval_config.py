@@ -40,7 +40,7 @@ def _common(protocol: str, size: str) -> ml_collections.ConfigDict:
   c.seed = 0
   c.init_dir = ""        # the pretraining workdir (required)
   c.init_step = -1       # its checkpoint step; -1 = the latest
-  c.encoder = "ema"      # "ema" (momentum encoder theta') or "online" (theta)
+  c.encoder = "online"   # "online" (theta: every run has it) or "ema" (theta', DDAE runs only)
   c.random_init = False  # True: a randomly initialised encoder (seed), the baseline
 
   c.model = ml_collections.ConfigDict()

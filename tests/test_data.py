@@ -4,6 +4,7 @@ import os
 
 import jax
 import numpy as np
+import pytest
 from PIL import Image
 
 from ddae_jax import sharding
@@ -42,6 +43,7 @@ def test_image_folder_skips_and_counts_a_corrupt_file(tmp_path):
   assert loader.position == 24 + loader.skipped
 
 
+@pytest.mark.slow  # a compiling subprocess; the corrupt-file count is tested without one
 def test_image_folder_trains(tmp_path):
   """The trainer on an image folder with a corrupt file runs its steps."""
   import trainer_utils as tu

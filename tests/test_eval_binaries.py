@@ -41,6 +41,7 @@ def pretrained_dir(tmp_path_factory):
   rng = np.random.default_rng(7)  # random values on the shapes: no init program to compile
   params = jax.tree.map(lambda s: (rng.normal(size=s.shape) * 0.05 + (s.ndim == 1)).astype(
       np.float32), classifier.expected_encoder(encoder, IMAGE))
+  params.pop("pos_embed")  # pretraining runs hold the fixed sin-cos table, not a parameter
   params["feature_norm_2"] = {"scale": np.ones(64, np.float32), "bias": np.zeros(64, np.float32)}
   pretrained.save_encoder(workdir, params)
   return workdir, params

@@ -76,7 +76,12 @@ def _groups():
   for arg in ROWS:
     if arg != DEFAULT_ROW:
       groups.setdefault(program_key(tiny_version(arg)), []).append(arg)
-  return [pytest.param(rows, id="+".join(r.split("/")[-1] for r in rows))
+  # The default run trains MAE and the DDS-MAE group (Tables 2, 3, 6, 7's
+  # shared program); the other programs cost 10-40 s of compile each and run
+  # with the slow checks (`-m slow`, which CI runs too).
+  fast = {"configs/mae_vits.py:mae", "configs/mae_vits.py:dds_mae"}
+  return [pytest.param(rows, id="+".join(r.split("/")[-1] for r in rows),
+                       marks=() if fast & set(rows) else pytest.mark.slow)
           for rows in groups.values()]
 
 
@@ -261,6 +266,7 @@ def test_beitv2_loss_is_masked_cross_entropy_by_hand(variant):
     np.testing.assert_allclose(float(metrics["mim_loss"]), np.mean(ce), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_beitv2_flops_match_xla_cost_analysis():
   """The analytic count (flops.py) against XLA's count of the traced forward, as test_flops."""
   c = config_lib.base_config()

@@ -66,6 +66,7 @@ def _kill_when(proc, workdir, in_flight: bool, min_step: int, timeout=300):
   return None
 
 
+@pytest.mark.slow  # several compiling subprocesses; CI runs `-m slow`
 def test_sigkill_and_restart_ends_with_the_same_parameters(tmp_path):
   straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
   ref = tu.start(tu.main_cmd(straight, *OVERRIDES), 1)
@@ -90,6 +91,7 @@ def _leaves(tree):
   return [(jax.tree_util.keystr(p), v) for p, v in jax.tree_util.tree_leaves_with_path(tree)]
 
 
+@pytest.mark.slow  # several compiling subprocesses; CI runs `-m slow`
 def test_two_processes_match_one_process(tmp_path):
   one, two = str(tmp_path / "one"), str(tmp_path / "two")
   steps = ("--config.epochs=0.5", "--config.optim.warmup_epochs=0.25",

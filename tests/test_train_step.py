@@ -159,10 +159,15 @@ def test_beta_is_excluded_from_weight_decay_and_trained_by_adam():
 
 @pytest.mark.parametrize("overrides,expect", [
     ({"pixel.enabled": False}, {"no": ["pixel_loss/block_1"]}),
-    ({"distill.enabled": False}, {"no": ["distill_loss/block_1", "ema_momentum"]}),
-    ({"dds.deep_supervision": False}, {"has": ["pixel_loss/block_4", "beta/shared/block_4"],
-                                       "no": ["pixel_loss/block_1"]}),
-    ({"dds.dynamic": False}, {"no": ["beta/shared/block_1"], "zero": ["beta_regularizer"]}),
+    # Slow: the MAE rows of test_methods also train these three switches.
+    pytest.param({"distill.enabled": False}, {"no": ["distill_loss/block_1", "ema_momentum"]},
+                 marks=pytest.mark.slow),
+    pytest.param({"dds.deep_supervision": False},
+                 {"has": ["pixel_loss/block_4", "beta/shared/block_4"],
+                  "no": ["pixel_loss/block_1"]}, marks=pytest.mark.slow),
+    pytest.param({"dds.dynamic": False},
+                 {"no": ["beta/shared/block_1"], "zero": ["beta_regularizer"]},
+                 marks=pytest.mark.slow),
     ({"dds.beta_learnable": False, "dds.beta_init": (0.0, -0.1, -0.3, -0.7)},
      {"fixed_beta": (0.0, -0.1, -0.3, -0.7)}),
     ({"dds.beta_per_branch": True}, {"has": ["beta/pixel/block_2", "beta/distill/block_2"]}),
