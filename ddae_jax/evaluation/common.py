@@ -12,6 +12,7 @@ import logging
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from etils import epath
 
@@ -69,11 +70,13 @@ def classification_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array) -
 
 def accumulate(step_fn, batches) -> dict:
   """Runs `step_fn(batch) -> sums` over all batches; returns top1, top5, loss (means), count."""
+  # Summed on the host in float64: exact counts over any number of batches,
+  # and no eager device op per batch beside the jitted step.
   totals = None
   for batch in batches:
-    sums = step_fn(batch)
-    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-  totals = {k: float(v) for k, v in jax.device_get(totals).items()}
+    sums = {k: np.float64(v) for k, v in jax.device_get(step_fn(batch)).items()}
+    totals = sums if totals is None else {k: totals[k] + sums[k] for k in totals}
+  totals = {k: float(v) for k, v in totals.items()}
   n = max(totals["count"], 1.0)
   return {"top1": totals["top1"] / n, "top5": totals["top5"] / n,
           "loss": totals["loss"] / n, "count": totals["count"]}
