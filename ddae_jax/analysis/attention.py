@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddae_jax import config_lib
+from ddae_jax.model import make_encoder
 from ddae_jax.models.vit import ViTEncoder
 
 
@@ -86,13 +86,12 @@ def upsample_map(patch_map: np.ndarray, patch_size: int) -> np.ndarray:
 
 def analysis_encoder(config, encoder_params: dict) -> ViTEncoder:
   """The config's encoder in float32 with attention capture (matches the checkpoint's params)."""
-  width, depth, heads = config_lib.encoder_dims(config)
   # Supervised blocks only add unused feature norms to the output: ask for
   # the last block alone; the extra feature_norm_* parameters are ignored.
-  return ViTEncoder(patch_size=config.model.patch_size, width=width, depth=depth,
-                    num_heads=heads, feature_blocks=(depth,),
-                    pos_embed="learned" if "pos_embed" in encoder_params else "sincos",
-                    capture_attention=True)
+  pos_embed = "learned" if "pos_embed" in encoder_params else "sincos"
+  encoder = make_encoder(config, pos_embed)
+  return encoder.clone(feature_blocks=(encoder.depth,), dtype=jnp.float32, remat=False,
+                       attention_impl=None, capture_attention=True)
 
 
 def block_attention(encoder: ViTEncoder, encoder_params: dict,
