@@ -5,11 +5,14 @@ the number of visible tokens, and with it every shape in the step, is static.
 
 Two kinds:
   * `random_mask`: MAE's uniform shuffle.
-  * `blockwise_mask`: BEiT's rectangles (area >= 16 patches, aspect ratio in
-    [0.3, 1/0.3]), added until the count is reached; a rectangle is accepted
-    only if it adds no more patches than are still missing, so the mask never
-    overshoots. If the attempts run out first (rare at 75%), the remainder is
-    filled with uniformly chosen unmasked patches.
+  * `blockwise_mask`: BEiT's `MaskingGenerator` (its semantics exactly): each
+    rectangle's area is drawn uniformly in [min_patches, min(max_patches,
+    patches still missing)], its aspect ratio log-uniformly in [0.3, 1/0.3],
+    and it is accepted only if it adds between 1 and that bound of new
+    patches, until `block_ratio` of the grid is masked. Then, as BootMAE does
+    (`utils.mask_to_index` with `--mask_num 147` over BEiT's 120 patches),
+    uniformly chosen visible patches are masked until `ratio` is reached. The
+    same top-up fills the rare image whose rectangle attempts run out.
 
 Conventions: a mask is `bool[batch, num_patches]` in raster order, True means
 masked (the paper's m_i = 1).
@@ -55,7 +58,12 @@ class Rectangles(NamedTuple):
 
 def _blockwise_one(rng, grid, target, min_patches, max_patches, min_aspect,
                    max_attempts):
-  """Rectangles for one image, BEiT's MaskingGenerator as a while loop."""
+  """Rectangles for one image: BEiT's MaskingGenerator as a while loop.
+
+  Each attempt draws area ~ U(min_patches, bound) with bound = min(max_patches,
+  target - count), as BEiT's `_mask(mask, max_mask_patches)`, and is accepted
+  when it adds 1..bound new patches, so the count never overshoots `target`.
+  """
   gh, gw = grid
   rows = jnp.arange(gh)[:, None]
   cols = jnp.arange(gw)[None, :]
@@ -65,7 +73,9 @@ def _blockwise_one(rng, grid, target, min_patches, max_patches, min_aspect,
     mask, count, attempt, rects = carry
     k = jax.random.fold_in(rng, attempt)
     k_area, k_aspect, k_top, k_left = jax.random.split(k, 4)
-    area = jax.random.uniform(k_area, (), minval=min_patches, maxval=max_patches)
+    bound = jnp.minimum(max_patches, target - count)
+    # random.uniform(a, b) with b < a (few patches left) still lies between them.
+    area = min_patches + (bound - min_patches) * jax.random.uniform(k_area, ())
     aspect = jnp.exp(jax.random.uniform(k_aspect, (), minval=log_aspect[0],
                                         maxval=log_aspect[1]))
     h = jnp.round(jnp.sqrt(area * aspect)).astype(jnp.int32)
@@ -75,8 +85,7 @@ def _blockwise_one(rng, grid, target, min_patches, max_patches, min_aspect,
     left = jax.random.randint(k_left, (), 0, jnp.maximum(gw - w + 1, 1))
     rect = ((rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w))
     added = jnp.sum(rect & ~mask)
-    # Like BEiT: never add more than is still missing, so the count stays exact.
-    accept = fits & (added > 0) & (added <= target - count)
+    accept = fits & (added > 0) & (added <= bound)
     mask = jnp.where(accept, mask | rect, mask)
     count = count + jnp.where(accept, added, 0)
     rects = jax.tree.map(lambda r, v: r.at[attempt].set(v), rects,
@@ -104,24 +113,31 @@ def fill_to_count(rng: jax.Array, mask: jax.Array, target: int) -> jax.Array:
 
 
 def blockwise_mask(rng: jax.Array, batch: int, grid: tuple[int, int], ratio: float,
-                   *, min_patches: int = 16, min_aspect: float = 0.3,
+                   *, block_ratio: float | None = None, min_patches: int = 16,
+                   max_patches: int = 0, min_aspect: float = 0.3,
                    max_attempts: int = 256, return_rectangles: bool = False):
-  """BEiT-style blockwise masking with an exact count. -> bool[batch, N].
+  """BEiT's blockwise masking, topped up at random to an exact count. -> bool[batch, N].
 
   Args:
     rng: PRNG key; the same key gives the same masks.
     batch: number of images.
     grid: patch grid (rows, cols), e.g. (14, 14).
-    ratio: fraction of patches to mask, in (0, 1).
+    ratio: fraction of patches masked in the end, in (0, 1).
+    block_ratio: fraction masked by rectangles (BootMAE: 120 / 196); the rest,
+      up to `ratio`, is masked uniformly at random. None: all of it by rectangles.
     min_patches: smallest rectangle area, in patches (BEiT: 16).
+    max_patches: largest rectangle area (BootMAE: 60); 0: no bound but the
+      patches still missing (BEiT's default, `max_num_patches=None`).
     min_aspect: aspect ratios are drawn log-uniformly in [min_aspect, 1/min_aspect].
-    max_attempts: rectangles tried per image before the random fill.
+    max_attempts: rectangles tried per image before the random top-up.
     return_rectangles: also return the `Rectangles` each mask was built from.
   """
   target = num_masked(ratio, grid)
-  min_patches = min(min_patches, target)
+  block_target = target if block_ratio is None else min(num_masked(block_ratio, grid), target)
+  min_patches = min(min_patches, block_target)
+  max_patches = block_target if max_patches <= 0 else max_patches
   rect_rng, fill_rng = jax.random.split(rng)
-  one = lambda k: _blockwise_one(k, grid, target, min_patches, target,
+  one = lambda k: _blockwise_one(k, grid, block_target, min_patches, max_patches,
                                  min_aspect, max_attempts)
   rect_mask, rects = jax.vmap(one)(jax.random.split(rect_rng, batch))
   mask = fill_to_count(fill_rng, rect_mask, target)
@@ -129,13 +145,27 @@ def blockwise_mask(rng: jax.Array, batch: int, grid: tuple[int, int], ratio: flo
 
 
 def make_mask(rng: jax.Array, batch: int, grid: tuple[int, int], ratio: float,
-              kind: str) -> jax.Array:
-  """The mask of the configured kind ('blockwise' or 'random'). -> bool[batch, N]."""
+              kind: str, **blockwise) -> jax.Array:
+  """The mask of `kind` ('blockwise' or 'random'). -> bool[batch, N].
+
+  `blockwise` holds `blockwise_mask`'s keyword arguments (block_ratio,
+  min_patches, max_patches); without them it is BEiT's generator alone.
+  """
   if kind == "blockwise":
-    return blockwise_mask(rng, batch, grid, ratio)
+    return blockwise_mask(rng, batch, grid, ratio, **blockwise)
   if kind == "random":
     return random_mask(rng, batch, grid, ratio)
   raise ValueError(f"masking must be one of {MASKINGS}, got {kind!r}")
+
+
+def mask_from_config(rng: jax.Array, batch: int, grid: tuple[int, int], masking) -> jax.Array:
+  """The mask a run's `config.masking` asks for (every field reaches the generator)."""
+  if masking.kind != "blockwise":
+    return make_mask(rng, batch, grid, masking.ratio, masking.kind)
+  # .get: config.json files written before these fields existed.
+  block_ratio = masking.get("block_ratio", 0.0) or None
+  return make_mask(rng, batch, grid, masking.ratio, "blockwise", block_ratio=block_ratio,
+                   min_patches=masking.min_patches, max_patches=masking.get("max_patches", 0))
 
 
 def visible_and_masked_ids(mask: jax.Array, num_visible: int):
