@@ -91,7 +91,7 @@ def cmd_reconstruct(args) -> dict:
   from ddae_jax import pretrained
   from ddae_jax.analysis import plots, reconstruction
   from ddae_jax.model import DDAE
-  from ddae_jax.objectives.masking import make_mask
+  from ddae_jax.objectives.masking import mask_from_config
   config = load_run_config(args.workdir[0], args.config)
   if args.mask_ratio is not None:
     config.masking.ratio = args.mask_ratio
@@ -102,8 +102,7 @@ def cmd_reconstruct(args) -> dict:
   state, step = pretrained.restore_state(args.workdir[0], args.step)
   images = load_images(config, args.split, args.num_images, config.model.image_size,
                        args.image_files)
-  mask = make_mask(jax.random.key(args.seed), len(images), model.grid, config.masking.ratio,
-                   config.masking.kind)
+  mask = mask_from_config(jax.random.key(args.seed), len(images), model.grid, config.masking)
   data = reconstruction.reconstruct(model, state["params"], images, np.asarray(mask))
   plots.reconstructions(data, model.blocks, os.path.join(args.out, "reconstruct.png"))
   beta = {k: _rounded(v) for k, v in state["params"].get("beta", {}).items()}
@@ -138,7 +137,9 @@ def cmd_beta(args) -> dict:
   if args.x == "epoch" and any(None in c["epoch"] for r in runs.values() for c in r.values()):
     raise SystemExit("some rows have no 'epoch' metric: use --x=step")
   plots.beta_curves(runs, os.path.join(args.out, "beta.png"), x=args.x)
-  return {"runs": runs}
+  summary = {label: {k: beta.curve_summary(c, args.x) for k, c in curves.items()}
+             for label, curves in runs.items()}
+  return {"runs": runs, "summary": summary}
 
 
 def _attention(args, block: int | None) -> tuple[dict, np.ndarray | None]:

@@ -108,7 +108,7 @@ class DDAE:
     beta = params["beta"][branch if branch in params["beta"] else "shared"]
     return features, loss_weights(distance, mask, beta), lambdas, blocks
 
-  def loss(self, params, images, mask, distance, ema_out=None):
+  def loss(self, params, images, mask, distance, ema_out=None, distill_weight=1.0):
     """Eq. 6 for one batch.
 
     Args:
@@ -117,6 +117,7 @@ class DDAE:
       mask: bool[B, N], True = masked, the same count in every row.
       distance: float32[B, N], the distance map of `mask`.
       ema_out: the momentum encoder's output on all patches (needed for distillation).
+      distill_weight: w_d of L_distill in eq. 6 (BootMAE's ramp, `optim.distill_weight`).
 
     Returns:
       (loss, metrics): the scalar of eq. 6 and a dict of its parts.
@@ -132,7 +133,8 @@ class DDAE:
       feats, weights, lambdas, blocks = self._branch(params, "pixel", features, distance, mask)
       pred = decode_per_block(self.pixel_decoder, {"params": params["pixel_decoder"]},
                               feats, ids_restore, self.grid)
-      target = objective.pixel_targets(images, c.model.patch_size, c.pixel.norm_pix)
+      target = objective.pixel_targets(images, c.model.patch_size, c.pixel.norm_pix,
+                                       c.pixel.get("norm_pix_stats", "per_patch"))
       per_block = objective.weighted_block_losses(
           objective.per_patch_error(pred, target), weights, mask, c.dds.normalizer)
       pixel_loss = objective.deep_loss(per_block, lambdas)  # eq. 3
@@ -143,6 +145,8 @@ class DDAE:
       pred = decode_per_block(self.distill_decoder, {"params": params["distill_decoder"]},
                               feats, ids_restore, self.grid)
       target = objective.feature_targets(ema_out, c.distill.target_norm)[:, -len(blocks):]
+      if c.distill.get("pred_norm", False):
+        pred = objective.layer_norm(pred)  # BootMAE: LN(prediction) vs LN(target)
       per_block = objective.weighted_block_losses(
           objective.per_patch_error(pred, target), weights, mask, c.dds.normalizer)
       distill_loss = objective.deep_loss(per_block, lambdas)  # eq. 5
@@ -153,7 +157,8 @@ class DDAE:
                                for b in self.beta_branches], axis=1)
     else:
       norms = jnp.zeros((mask.shape[0], 0), jnp.float32)
-    loss = objective.total_loss(pixel_loss, distill_loss, norms, c.dds.reg_weight)  # eq. 6
+    loss = objective.total_loss(pixel_loss, distill_loss, norms, c.dds.reg_weight,
+                                distill_weight)  # eq. 6
     metrics.update(loss=loss, pixel_loss=pixel_loss, distill_loss=distill_loss,
                    beta_regularizer=jnp.sum(jnp.mean(norms, axis=0)))
     return loss, metrics

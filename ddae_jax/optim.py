@@ -58,12 +58,43 @@ def make_optimizer(config) -> optax.GradientTransformation:
   return tx
 
 
+def _epoch(config, step: jax.Array) -> jax.Array:
+  """The (fractional) epoch at `step`, float32."""
+  return step * (config.batch_size / config.num_train_images)
+
+
 def ema_momentum(config, step: jax.Array) -> jax.Array:
-  """m of eq. 4 at `step`: linear from momentum_start to momentum_end over ramp_epochs."""
+  """m of eq. 4 at `step`, by config.ema.schedule.
+
+  "bootmae" (BootMAE utils.adjust_ema_momentum, once per epoch e = floor(epoch)):
+    m = start + e / mid_epochs (mid - start)                      for e < mid_epochs
+    m = mid + min(ramp_epochs, e - mid_epochs) / ramp_epochs (end - mid) after.
+  "linear": start -> end linearly over ramp_epochs (per step), then end.
+  """
   e = config.ema
+  if e.schedule == "bootmae":
+    epoch = jnp.floor(_epoch(config, step))
+    first = e.momentum_start + (e.momentum_mid - e.momentum_start) * (
+        epoch / max(e.mid_epochs, 1e-9))
+    frac = jnp.clip((epoch - e.mid_epochs) / max(e.ramp_epochs, 1e-9), 0.0, 1.0)
+    second = e.momentum_mid + (e.momentum_end - e.momentum_mid) * frac
+    return jnp.where(epoch < e.mid_epochs, first, second)
   ramp = config_lib.epochs_to_steps(config, e.ramp_epochs)
   frac = jnp.clip(step / max(ramp, 1), 0.0, 1.0) if ramp > 0 else 1.0
   return e.momentum_start + (e.momentum_end - e.momentum_start) * frac
+
+
+def distill_weight(config, step: jax.Array) -> jax.Array:
+  """The self-distillation loss weight at `step` (BootMAE run_pretraining.py).
+
+  Per epoch e = floor(epoch): min((e + 1) / (weight_ramp * epochs), 1), i.e.
+  BootMAE's min(4 (e + 1) / E, 1) for weight_ramp = 1/4; 1 when weight_ramp = 0.
+  """
+  ramp = config.distill.get("weight_ramp", 0.0) * config.epochs
+  if ramp <= 0:
+    return jnp.ones((), jnp.float32)
+  epoch = jnp.floor(_epoch(config, step))
+  return jnp.minimum((epoch + 1.0) / ramp, 1.0).astype(jnp.float32)
 
 
 def ema_update(ema_params, params, momentum):

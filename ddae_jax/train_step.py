@@ -22,7 +22,7 @@ from ddae_jax import config_lib, optim, sharding
 from ddae_jax.beitv2 import BEiTv2, host_tokenizer_matches
 from ddae_jax.model import DDAE, normalize_images
 from ddae_jax.objectives.dynamic_weights import distance_map
-from ddae_jax.objectives.masking import make_mask
+from ddae_jax.objectives.masking import mask_from_config
 
 
 def make_model(config) -> DDAE | BEiTv2:
@@ -75,21 +75,22 @@ def train_step(model: DDAE, tx, batch_spec, state: dict, batch: dict):
   c = model.config
   step = state["step"]
   images = jax.lax.with_sharding_constraint(normalize_images(batch["image"]), batch_spec)
-  mask = make_mask(jax.random.fold_in(state["rng"], step), images.shape[0], model.grid,
-                   c.masking.ratio, c.masking.kind)
+  mask = mask_from_config(jax.random.fold_in(state["rng"], step), images.shape[0], model.grid,
+                          c.masking)
   mask = jax.lax.with_sharding_constraint(mask, batch_spec)
   distance = distance_map(mask, model.grid)
 
-  targets = None
+  targets, extra = None, {}
   if "ema_params" in state:
     # The momentum encoder sees every patch; no gradient reaches it.
     targets = jax.lax.stop_gradient(model.encode(state["ema_params"], images))
+    extra["distill_weight"] = optim.distill_weight(c, step)
   if "tokenizer" in state:
     # BEiT-v2: the frozen tokenizer's codes of the un-normalised crop.
     targets = model.tokenize(state["tokenizer"], batch["image"])
 
   grad_fn = jax.value_and_grad(model.loss, has_aux=True)
-  (_, metrics), grads = grad_fn(state["params"], images, mask, distance, targets)
+  (_, metrics), grads = grad_fn(state["params"], images, mask, distance, targets, **extra)
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
 
@@ -102,6 +103,7 @@ def train_step(model: DDAE, tx, batch_spec, state: dict, batch: dict):
     new_state["ema_params"] = optim.ema_update(state["ema_params"], params["encoder"],
                                                momentum)  # eq. 4
     metrics["ema_momentum"] = jnp.asarray(momentum, jnp.float32)
+    metrics["distill_weight"] = extra["distill_weight"]
   for branch, beta in params.get("beta", {}).items():
     for i, g in enumerate(model.blocks):
       metrics[f"beta/{branch}/block_{g}"] = beta[i]

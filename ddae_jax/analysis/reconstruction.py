@@ -23,7 +23,7 @@ from ddae_jax.objectives.masking import visible_and_masked_ids
 
 
 def denormalize_patches(pred: jax.Array, images: jax.Array, patch: int,
-                        norm_pix: bool) -> jax.Array:
+                        norm_pix: bool, stats: str = "per_patch") -> jax.Array:
   """Predicted patches back in the normalised-image space of `images`.
 
   Args:
@@ -31,7 +31,8 @@ def denormalize_patches(pred: jax.Array, images: jax.Array, patch: int,
     images: float[B, H, W, 3], the normalised input images.
     norm_pix: whether the targets were standardised per patch (then pred is
       multiplied by the target patch's std and shifted by its mean, with the
-      unbiased variance and eps of `objectives.ddae.pixel_targets`).
+      statistics of `objectives.ddae.patch_statistics`).
+    stats: config.pixel.norm_pix_stats, "per_patch" or "per_channel".
 
   Returns:
     float32[B, K, N, patch * patch * 3].
@@ -39,10 +40,8 @@ def denormalize_patches(pred: jax.Array, images: jax.Array, patch: int,
   pred = pred.astype(jnp.float32)
   if not norm_pix:
     return pred
-  target = patchify(images.astype(jnp.float32), patch)[:, None]  # [B, 1, N, D]
-  mean = jnp.mean(target, axis=-1, keepdims=True)
-  var = jnp.var(target, axis=-1, keepdims=True, ddof=1)
-  return pred * jnp.sqrt(var + 1e-6) + mean
+  mean, std = objective.patch_statistics(images, patch, stats)
+  return pred * std[:, None] + mean[:, None]  # [B, 1, N, D] against [B, K, N, D]
 
 
 def to_display(images: jax.Array) -> np.ndarray:
@@ -96,10 +95,11 @@ def reconstruct(model: DDAE, params: dict, images: np.ndarray, mask: np.ndarray)
     features = model.encode(params["encoder"], x, ids_keep)["features"]
     pred = decode_per_block(model.pixel_decoder, {"params": params["pixel_decoder"]},
                             features, ids_restore, grid)
-    target = objective.pixel_targets(x, p, c.pixel.norm_pix)
+    stats = c.pixel.get("norm_pix_stats", "per_patch")
+    target = objective.pixel_targets(x, p, c.pixel.norm_pix, stats)
     error = objective.per_patch_error(pred, target)  # [B, K, N]
     masked_error = jnp.sum(error * mask[:, None], -1) / jnp.sum(mask, -1)[:, None]
-    patches = denormalize_patches(pred, x, p, c.pixel.norm_pix)
+    patches = denormalize_patches(pred, x, p, c.pixel.norm_pix, stats)
     patches = jnp.where(mask[:, None, :, None], patches, patchify(x, p)[:, None])
     b, k = patches.shape[:2]
     recon = unpatchify(patches.reshape((b * k,) + patches.shape[2:]), p, grid)

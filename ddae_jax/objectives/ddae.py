@@ -12,22 +12,52 @@ import jax.numpy as jnp
 
 from ddae_jax.models.vit import patchify
 
-NORMALIZERS = ("num_masked", "weight_sum")
+NORMALIZERS = ("weight_sum", "num_masked")
 TARGET_NORMS = ("layernorm", "features", "none")
 
 
-def pixel_targets(images: jax.Array, patch: int, norm_pix: bool) -> jax.Array:
+def patch_statistics(images: jax.Array, patch: int, stats: str = "per_patch"):
+  """Each patch's (mean, std) as norm_pix uses them, both float32[B, N, patch * patch * C].
+
+  stats="per_patch" (MAE's norm_pix_loss): over all p * p * C values of the
+    patch, unbiased variance, eps 1e-6 inside the square root;
+  stats="per_channel" (BootMAE run_pretraining.py): over each colour channel of
+    the patch on its own, biased variance, eps 1e-5 inside the square root.
+  """
+  target = patchify(images.astype(jnp.float32), patch)
+  if stats == "per_patch":
+    groups, axis, ddof, eps = target, -1, 1, 1e-6
+  elif stats == "per_channel":
+    # patchify lays a patch out as (row, col, channel): split the channels off.
+    groups = target.reshape(*target.shape[:-1], -1, images.shape[-1])
+    axis, ddof, eps = -2, 0, 1e-5
+  else:
+    raise ValueError(f"pixel.norm_pix_stats must be 'per_channel' or 'per_patch', got {stats!r}")
+  mean = jnp.mean(groups, axis=axis, keepdims=True)
+  std = jnp.sqrt(jnp.var(groups, axis=axis, keepdims=True, ddof=ddof) + eps)
+  spread = lambda x: jnp.broadcast_to(x, groups.shape).reshape(target.shape)
+  return spread(mean), spread(std)
+
+
+def pixel_targets(images: jax.Array, patch: int, norm_pix: bool,
+                  stats: str = "per_patch") -> jax.Array:
   """The regression targets x_M: [B, H, W, C] -> [B, N, patch * patch * C].
 
-  With norm_pix, each patch is standardised by its own mean and variance, as in
-  MAE's norm_pix_loss (unbiased variance, eps 1e-6 inside the square root).
+  With norm_pix, each patch is standardised by `patch_statistics(..., stats)`.
   """
   target = patchify(images.astype(jnp.float32), patch)
   if not norm_pix:
     return target
-  mean = jnp.mean(target, axis=-1, keepdims=True)
-  var = jnp.var(target, axis=-1, keepdims=True, ddof=1)
-  return (target - mean) / jnp.sqrt(var + 1e-6)
+  mean, std = patch_statistics(images, patch, stats)
+  return (target - mean) / std
+
+
+def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+  """LayerNorm over the last axis without affine parameters (float32)."""
+  x = x.astype(jnp.float32)
+  mean = jnp.mean(x, axis=-1, keepdims=True)
+  var = jnp.var(x, axis=-1, keepdims=True)
+  return (x - mean) * jax.lax.rsqrt(var + eps)
 
 
 def feature_targets(ema_out: dict, kind: str) -> jax.Array:
@@ -49,9 +79,7 @@ def feature_targets(ema_out: dict, kind: str) -> jax.Array:
     target = ema_out["hidden"]
   target = target[:, :, 1:].astype(jnp.float32)
   if kind == "layernorm":
-    mean = jnp.mean(target, axis=-1, keepdims=True)
-    var = jnp.var(target, axis=-1, keepdims=True)
-    target = (target - mean) * jax.lax.rsqrt(var + 1e-6)
+    target = layer_norm(target)
   elif kind not in TARGET_NORMS:
     raise ValueError(f"distill.target_norm must be one of {TARGET_NORMS}, got {kind!r}")
   return jax.lax.stop_gradient(target)
@@ -73,9 +101,11 @@ def weighted_block_losses(error: jax.Array, weights: jax.Array, mask: jax.Array,
     weights: float32[B, K, N], loss weights (eq. 2 rescaled to [0, 1], or the
       mask itself for uniform weights); 0 on visible patches.
     mask: bool[B, N].
-    normalizer: "num_masked" divides each image's weighted sum by its number of
-      masked patches (MAE's mean over masked patches: with uniform weights this
-      is exactly MAE's loss); "weight_sum" divides by the sum of the weights.
+    normalizer: "weight_sum" divides each image's weighted sum by the sum of its
+      weights (a weighted mean: beta's gradient is the covariance of the
+      errors with d(weight)/d(beta), so it follows the data); "num_masked" by
+      its number of masked patches (MAE's mean over masked patches). With
+      uniform weights both are exactly MAE's loss.
 
   Returns:
     float32[K]: each block's loss, averaged over the batch.
@@ -96,15 +126,17 @@ def deep_loss(block_losses: jax.Array, block_weights) -> jax.Array:
 
 
 def total_loss(pixel: jax.Array, distill: jax.Array, weight_norms: jax.Array,
-               reg_weight: float) -> jax.Array:
-  """Eq. 6: L = L_pixel + L_distill + lambda * sum_i ||h_beta_i(m)||_2.
+               reg_weight: float, distill_weight: jax.Array | float = 1.0) -> jax.Array:
+  """Eq. 6: L = L_pixel + w_d L_distill + lambda * sum_i ||h_beta_i(m)||_2.
 
   Args:
     pixel, distill: scalars from `deep_loss` (0 for a disabled branch).
+    distill_weight: w_d, BootMAE's ramp of the distillation weight (1 in eq. 6
+      as printed; `optim.distill_weight` gives the schedule).
     weight_norms: float32[B, K'] from `dynamic_weights.weight_l2_norm`, one
       column per learnable beta (K' = K, or 2K with one beta per branch);
       averaged over the batch. Empty when the weights are uniform.
     reg_weight: lambda (paper: 0.5).
   """
   reg = jnp.sum(jnp.mean(weight_norms, axis=0)) if weight_norms.size else 0.0
-  return pixel + distill + reg_weight * reg
+  return pixel + distill_weight * distill + reg_weight * reg
