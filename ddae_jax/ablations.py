@@ -38,6 +38,8 @@ def _mae(c):
   c.method = "ddae"
   c.masking.kind, c.masking.ratio = "random", 0.75
   c.pixel.enabled, c.pixel.norm_pix, c.pixel.dds = True, True, True
+  c.pixel.norm_pix_stats = "per_patch"  # MAE's norm_pix_loss
+  c.optim.min_lr = 0.0                  # MAE's cosine decays to 0
   c.pixel.decoder_width, c.pixel.decoder_depth, c.pixel.decoder_heads = 512, 8, 16
   c.distill.enabled = False
   c.dds.deep_supervision, c.dds.dynamic = False, False
@@ -50,7 +52,8 @@ def _mae_row(c, deep_supervision, dynamic):
 
 def _ep300(c):
   c.epochs, c.optim.warmup_epochs = 300.0, 40.0
-  c.ema.ramp_epochs = 150.0
+  if c.ema.schedule == "linear":
+    c.ema.ramp_epochs = 150.0  # BootMAE's schedule is already written in epochs
 
 
 def beitv2_defaults(c):
@@ -61,7 +64,9 @@ def beitv2_defaults(c):
   at 3, 75 of 196 patches masked blockwise, one supervised block (the last).
   """
   c.method = "beitv2"
+  # BEiT's generator alone: 75 patches, rectangles of 16 up to all still missing.
   c.masking.kind, c.masking.ratio, c.masking.min_patches = "blockwise", 75 / 196, 16
+  c.masking.block_ratio, c.masking.max_patches = 0.0, 0
   c.pixel.enabled = c.distill.enabled = False
   c.dds.deep_supervision, c.dds.dynamic = False, False
   c.model.feature_norm = "final"  # one norm and one head shared by every block

@@ -19,6 +19,8 @@ from ddae_jax.objectives.ddae import NORMALIZERS, TARGET_NORMS
 from ddae_jax.objectives.masking import MASKINGS
 
 METHODS = ("ddae", "beitv2")
+EMA_SCHEDULES = ("bootmae", "linear")
+NORM_PIX_STATS = ("per_channel", "per_patch")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("", "xla", "cudnn")
 IMAGENET_TRAIN_IMAGES = 1_281_167
@@ -45,10 +47,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.feature_norm = "per_block"
   c.model.pos_embed = "sincos"     # "learned": a parameter (imported timm/MAE weights)
 
+  # Section 4.1: blockwise masking at 75%, as BootMAE makes it (run_pretraining.py
+  # --num_mask_patches 120 --min/max_mask_patches_per_block 16/60, then
+  # utils.mask_to_index tops up to --mask_num 147 with uniformly random patches).
   c.masking = ml_collections.ConfigDict()
-  c.masking.kind = "blockwise"     # section 4.1: blockwise masking
-  c.masking.ratio = 0.75
-  c.masking.min_patches = 16       # BEiT's smallest rectangle
+  c.masking.kind = "blockwise"     # or "random" (MAE)
+  c.masking.ratio = 0.75           # all masked patches: 147 of 196
+  c.masking.block_ratio = 120 / 196  # masked by rectangles; 0: all of `ratio` (BEiT)
+  c.masking.min_patches = 16       # smallest rectangle, in patches (BEiT)
+  c.masking.max_patches = 60       # largest rectangle (BootMAE); 0: no bound (BEiT)
 
   # Deep dynamic supervision (section 3.2).
   c.dds = ml_collections.ConfigDict()
@@ -61,7 +68,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.dds.beta_learnable = True
   c.dds.beta_per_branch = False    # one beta per block shared by both branches
   c.dds.reg_weight = 0.5           # lambda of eq. 6
-  c.dds.normalizer = "num_masked"  # what the weighted loss is divided by
+  # What the weighted loss is divided by: the sum of the weights, so beta's
+  # gradient follows the data (docs/decisions.md, issue 13); or "num_masked".
+  c.dds.normalizer = "weight_sum"
 
   c.pixel = ml_collections.ConfigDict()
   c.pixel.enabled = True
@@ -69,12 +78,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.pixel.decoder_depth = 2
   c.pixel.decoder_heads = 16
   c.pixel.norm_pix = True          # per-patch normalised pixel targets
+  # BootMAE: each patch's colour channels on their own (biased variance, eps
+  # 1e-5); "per_patch": MAE's, all p x p x 3 values (unbiased, eps 1e-6).
+  c.pixel.norm_pix_stats = "per_channel"
   c.pixel.dds = True               # False: last block, uniform weights (Table 4)
 
   c.distill = ml_collections.ConfigDict()
   c.distill.enabled = True
   c.distill.decoder_depth = 2      # width and heads are the encoder's
   c.distill.target_norm = "layernorm"
+  c.distill.pred_norm = True       # BootMAE: LayerNorm (no affine) of the prediction too
+  # BootMAE's distillation weight min(4 (e + 1) / E, 1) per epoch e: the fraction
+  # of the epochs over which it rises linearly to 1 (0: always 1).
+  c.distill.weight_ramp = 0.25
   c.distill.dds = True             # False: last block, uniform weights (Table 4)
 
   # BEiT-v2's frozen VQ-KD tokenizer (method = "beitv2"); its input is the same crop.
@@ -86,12 +102,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.tokenizer.checkpoint = ""      # vqkd_encoder_base_decoder_3x768x12_clip-*.pth
   c.tokenizer.random_weights = False  # True: random tokenizer (tests only)
 
-  # Momentum encoder, eq. 4: momentum rises linearly from start to end over
-  # ramp_epochs, then stays (paper, 800 epochs: 0.999 -> 0.99999 in 400).
+  # Momentum encoder, eq. 4. "bootmae" (BootMAE utils.adjust_ema_momentum with
+  # --model_ema_dynamic), set once per epoch e: start -> mid linearly over
+  # mid_epochs, then mid -> end over ramp_epochs more (paper: 0.999 -> 0.99999
+  # in the first 400 epochs). "linear": start -> end over ramp_epochs, per step.
   c.ema = ml_collections.ConfigDict()
+  c.ema.schedule = "bootmae"
   c.ema.momentum_start = 0.999
+  c.ema.momentum_mid = 0.9999
+  c.ema.mid_epochs = 100.0
   c.ema.momentum_end = 0.99999
-  c.ema.ramp_epochs = 50.0
+  c.ema.ramp_epochs = 300.0
 
   c.optim = ml_collections.ConfigDict()
   c.optim.base_lr = 1.5e-4         # lr = base_lr * batch_size / 256
@@ -99,7 +120,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.b2 = 0.95
   c.optim.weight_decay = 0.05
   c.optim.warmup_epochs = 20.0
-  c.optim.min_lr = 0.0
+  c.optim.min_lr = 1e-4            # BootMAE's pretraining script (--min_lr 1e-4)
   c.optim.grad_clip_norm = 0.0     # 0 disables clipping
   c.optim.beta_lr_scale = 1.0      # beta's learning rate relative to the rest
 
@@ -141,6 +162,7 @@ def tiny_config() -> ml_collections.ConfigDict:
   c.model.image_size = 32
   c.model.dtype = "float32"
   c.masking.min_patches = 4
+  c.masking.max_patches = 20       # 60 / 196 of the 8 x 8 grid
   c.pixel.decoder_width = 32
   c.pixel.decoder_heads = 4
   c.batch_size = 16
@@ -148,6 +170,9 @@ def tiny_config() -> ml_collections.ConfigDict:
   c.num_train_images = 256
   c.optim.warmup_epochs = 1.0
   c.optim.base_lr = 1e-3
+  c.optim.min_lr = 0.0
+  # A 10-epoch toy: BootMAE's 100 + 300-epoch momentum schedule would never move.
+  c.ema.schedule = "linear"
   c.ema.momentum_start = 0.99
   c.ema.momentum_end = 0.999
   c.ema.ramp_epochs = 5.0
@@ -178,7 +203,8 @@ def apply_variants(config, arg: str, variants: dict | None = None):
 def _ep800(c):
   c.epochs = 800.0
   c.optim.warmup_epochs = 40.0
-  c.ema.ramp_epochs = 400.0
+  if c.ema.schedule == "linear":
+    c.ema.ramp_epochs = 400.0  # BootMAE's schedule is already written in epochs
 
 
 def _smoke(c):
@@ -186,7 +212,7 @@ def _smoke(c):
   c.num_train_images = 80
   c.epochs = 2.0
   c.optim.warmup_epochs = 1.0
-  c.ema.ramp_epochs = 1.0
+  c.ema.mid_epochs = c.ema.ramp_epochs = 1.0
 
 
 def _fsdp(c):
@@ -329,6 +355,8 @@ def validate(config, num_devices: int | None = None) -> None:
   _one_of(config, "masking.kind", MASKINGS)
   _one_of(config, "dds.normalizer", NORMALIZERS)
   _one_of(config, "distill.target_norm", TARGET_NORMS)
+  _one_of(config, "pixel.norm_pix_stats", NORM_PIX_STATS)
+  _one_of(config, "ema.schedule", EMA_SCHEDULES)
   _one_of(config, "data.source", SOURCES)
   lo, hi = config.data.crop_scale
   if not 0 < lo <= hi <= 1:
@@ -339,8 +367,15 @@ def validate(config, num_devices: int | None = None) -> None:
   check_patch_grid(config.model)
   if not 0.0 < config.masking.ratio < 1.0:
     _fail("masking.ratio", config.masking.ratio, "a value in the open interval (0, 1)")
-  if config.masking.min_patches < 1:
-    _fail("masking.min_patches", config.masking.min_patches, "an integer >= 1")
+  m = config.masking
+  if m.min_patches < 1:
+    _fail("masking.min_patches", m.min_patches, "an integer >= 1")
+  if m.max_patches != 0 and m.max_patches < m.min_patches:
+    _fail("masking.max_patches", m.max_patches,
+          f"0 (no bound) or an integer >= masking.min_patches = {m.min_patches}")
+  if not 0.0 <= m.block_ratio <= m.ratio:
+    _fail("masking.block_ratio", m.block_ratio,
+          f"a value in [0, masking.ratio = {m.ratio}] (0: all masked patches by rectangles)")
   if config.method == "beitv2":
     _validate_tokenizer(config)
   elif not (config.pixel.enabled or config.distill.enabled):
@@ -380,8 +415,16 @@ def validate(config, num_devices: int | None = None) -> None:
   if not 0.0 <= e.momentum_start <= e.momentum_end:
     _fail("ema.momentum_start", e.momentum_start,
           f"a value in [0, ema.momentum_end = {e.momentum_end}]")
-  if e.ramp_epochs < 0:
-    _fail("ema.ramp_epochs", e.ramp_epochs, "a value >= 0")
+  if e.schedule == "bootmae" and not e.momentum_start <= e.momentum_mid <= e.momentum_end:
+    _fail("ema.momentum_mid", e.momentum_mid,
+          f"a value in [ema.momentum_start = {e.momentum_start}, "
+          f"ema.momentum_end = {e.momentum_end}]")
+  for field in ("mid_epochs", "ramp_epochs"):
+    if e[field] < 0:
+      _fail(f"ema.{field}", e[field], "a value >= 0")
+  if not 0.0 <= config.distill.weight_ramp <= 1.0:
+    _fail("distill.weight_ramp", config.distill.weight_ramp,
+          "a fraction of the epochs in [0, 1] (0: weight 1 from the start)")
   o = config.optim
   if o.base_lr <= 0:
     _fail("optim.base_lr", o.base_lr, "a value > 0")
