@@ -115,12 +115,22 @@ def test_beta_curves_keep_the_resumed_rows_and_sort():
   assert curves["beta/shared/block_3"]["block"] == 3
 
 
+def test_beta_curve_summary_finds_the_drop_and_the_rise():
+  curve = lambda values: {"value": values, "epoch": [0.5 * i for i in range(len(values))]}
+  s = beta.curve_summary(curve([-0.5, -0.8, -1.0, -0.9, -0.7]))
+  assert (s["first"], s["min"], s["min_at"], s["final"]) == (-0.5, -1.0, 1.0, -0.7)
+  assert s["drop_then_rise"]
+  assert not beta.curve_summary(curve([-0.5, -0.6, -0.7, -0.8]))["drop_then_rise"]  # monotone
+  assert not beta.curve_summary(curve([-0.5, -0.4, -0.3]))["drop_then_rise"]  # only rises
+  assert not beta.curve_summary(curve([-0.5, -1.5, -1.49]))["drop_then_rise"]  # no real rise
+
+
 def test_denormalize_inverts_per_patch_normalised_targets():
   x = normalize_images(jnp.asarray(
       np.random.default_rng(1).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)))
-  for norm_pix in (True, False):
-    target = pixel_targets(x, 4, norm_pix)[:, None]  # the perfect prediction [B, 1, N, D]
-    back = reconstruction.denormalize_patches(target, x, 4, norm_pix)
+  for norm_pix, stats in ((True, "per_patch"), (True, "per_channel"), (False, "per_patch")):
+    target = pixel_targets(x, 4, norm_pix, stats)[:, None]  # the perfect prediction [B, 1, N, D]
+    back = reconstruction.denormalize_patches(target, x, 4, norm_pix, stats)
     np.testing.assert_allclose(back[:, 0], patchify(x, 4), atol=2e-5)
 
 

@@ -53,7 +53,14 @@ def test_paper_defaults():
   assert config_lib.learning_rate(c) == pytest.approx(1.5e-4 * 16)
   assert (c.pixel.decoder_width, c.pixel.decoder_depth, c.distill.decoder_depth) == (512, 2, 2)
   e800 = load(os.path.join(REPO, "configs", "vitb.py"), "ep800")
-  assert (e800.epochs, e800.optim.warmup_epochs, e800.ema.ramp_epochs) == (800, 40, 400)
+  assert (e800.epochs, e800.optim.warmup_epochs) == (800, 40)
+  # Appendix A: momentum 0.999 -> 0.99999 over the first 400 epochs (BootMAE's schedule).
+  from ddae_jax import optim
+  per_epoch = e800.num_train_images / e800.batch_size
+  momentum = lambda epoch: float(optim.ema_momentum(e800, int(epoch * per_epoch) + 1))
+  assert momentum(0) == pytest.approx(0.999) and momentum(100) == pytest.approx(0.9999)
+  assert momentum(400) == pytest.approx(0.99999) and momentum(700) == pytest.approx(0.99999)
+  assert momentum(399) < 0.99999
   c.dds.num_supervised = 6
   assert config_lib.supervised_blocks(c) == (2, 4, 6, 8, 10, 12)
   c.dds.num_supervised = 2

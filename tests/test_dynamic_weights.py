@@ -120,3 +120,38 @@ def test_weights_have_finite_gradients_everywhere():
   g = jax.grad(lambda b: dw.loss_weights(distance, mask, b).sum()
                + dw.weight_l2_norm(distance, mask, b).sum())(jnp.asarray([-3.0, 0.0, 2.0]))
   assert np.all(np.isfinite(g))
+
+
+@pytest.mark.parametrize("normalizer", ["default", "num_masked"])
+def test_beta_gradient_follows_the_data_under_the_default_objective(normalizer):
+  """Issue 13: one block's loss gradient w.r.t. beta at the paper's init (-0.5), on
+  64 default masks, errors uniform in [0.5, 1.5] times a distance factor.
+
+  Under the default normaliser the gradient follows the data: ~0 when the errors
+  do not depend on the distance, > 0 (beta falls) when far patches are harder,
+  < 0 (beta rises) when near ones are. Under `num_masked` it is positive in all
+  three, so beta falls whatever the data (the bias the default avoids).
+  """
+  from ddae_jax import config_lib
+  from ddae_jax.objectives.ddae import weighted_block_losses
+  c = config_lib.base_config()
+  if normalizer == "default":
+    normalizer = c.dds.normalizer
+  grid = config_lib.grid_size(c)
+  mask = masking.mask_from_config(jax.random.PRNGKey(0), 64, grid, c.masking)
+  distance = dw.distance_map(mask, grid)
+  noise = jax.random.uniform(jax.random.PRNGKey(1), distance.shape, minval=0.5, maxval=1.5)
+  near = jnp.maximum(distance, 1.0)
+
+  def grad(factor):
+    error = (noise * factor)[:, None, :]
+    loss = lambda b: weighted_block_losses(error, dw.loss_weights(distance, mask, b), mask,
+                                           normalizer).sum()
+    return float(jax.grad(loss)(jnp.full((1,), -0.5))[0])
+
+  independent, growing, shrinking = grad(1.0), grad(near), grad(1.0 / near)
+  if normalizer == "weight_sum":
+    assert growing > 0.1 and shrinking < -0.02, (growing, shrinking)
+    assert abs(independent) < 0.02 * min(growing, -shrinking), independent
+  else:
+    assert min(independent, growing, shrinking) > 0.05, (independent, growing, shrinking)

@@ -27,7 +27,7 @@ def test_run_writes_checkpoints_and_metrics_with_beta(tmp_path):
   logged = [r for r in rows if "loss" in r]
   assert [r["step"] for r in logged] == list(range(4, 33, 4))
   for key in ("beta/shared/block_1", "pixel_loss/block_4", "distill_loss/block_2",
-              "beta_regularizer", "learning_rate", "ema_momentum", "grad_norm",
+              "beta_regularizer", "learning_rate", "ema_momentum", "distill_weight", "grad_norm",
               "param_norm", "images_per_second", "skipped_images"):
     assert key in logged[-1], key
   from tensorboard.backend.event_processing import event_accumulator

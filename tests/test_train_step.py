@@ -108,8 +108,9 @@ def test_ema_update_is_equation_4_and_gets_no_gradient():
   assert set(after["params"]) == {"encoder", "pixel_decoder", "distill_decoder", "beta"}
 
 
-def test_momentum_schedule_endpoints():
+def test_linear_momentum_schedule_endpoints():
   c = config_lib.base_config()
+  c.ema.schedule, c.ema.ramp_epochs = "linear", 50.0  # the option; BootMAE's is the default
   ramp = config_lib.epochs_to_steps(c, c.ema.ramp_epochs)
   assert float(optim.ema_momentum(c, jnp.asarray(0))) == pytest.approx(0.999)
   assert float(optim.ema_momentum(c, jnp.asarray(ramp // 2))) == pytest.approx(
@@ -126,7 +127,9 @@ def test_learning_rate_schedule_is_scaled_warmup_cosine():
   assert float(sched(warm // 2)) == pytest.approx(peak / 2, rel=1e-3)
   total = config_lib.total_steps(c)
   assert total == round(100 * 1_281_167 / 4096)
-  assert float(sched(total)) == pytest.approx(0.0, abs=1e-9)
+  assert float(sched(total)) == pytest.approx(1e-4, rel=1e-6)  # BootMAE's --min_lr 1e-4
+  c.optim.min_lr = 0.0
+  assert float(optim.lr_schedule(c)(total)) == pytest.approx(0.0, abs=1e-9)
 
 
 def test_beta_is_excluded_from_weight_decay_and_trained_by_adam():

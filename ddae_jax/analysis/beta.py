@@ -44,3 +44,18 @@ def beta_curves(rows: list[dict]) -> dict[str, dict]:
                    "epoch": [by_step[key][s][0] for s in steps],
                    "value": [by_step[key][s][1] for s in steps]}
   return curves
+
+
+def curve_summary(curve: dict, x: str = "epoch") -> dict:
+  """The shape of one beta curve, as Fig. 5 describes it.
+
+  Returns:
+    {"first", "min", "min_at", "final"} (values, and `x` where the minimum is)
+    and "drop_then_rise": the curve falls below its first value and ends
+    above its minimum by more than a tenth of that drop.
+  """
+  values, xs = curve["value"], curve[x]
+  low = min(range(len(values)), key=values.__getitem__)
+  drop = values[0] - values[low]
+  return {"first": values[0], "min": values[low], "min_at": xs[low], "final": values[-1],
+          "drop_then_rise": bool(drop > 0 and values[-1] - values[low] > 0.1 * drop)}
