@@ -36,6 +36,8 @@ def tiny_version(config_arg: str):
   c.distill.decoder_depth = 1
   c.tokenizer.size, c.tokenizer.patch_size, c.tokenizer.vocab_size = "tiny", 4, 64
   c.tokenizer.checkpoint, c.tokenizer.random_weights = "", True
+  if c.cls_pt.early_block:  # BEiT-v2's block 9 of 12: block 3 of the tiny 4
+    c.cls_pt.early_block = 3
   c.batch_size, c.num_train_images, c.epochs = 8, 8, 100.0
   c.optim.base_lr, c.optim.warmup_epochs, c.optim.grad_clip_norm = 1e-3 * 256 / 8, 0.0, 0.0
   c.ema.momentum_start, c.ema.momentum_end, c.ema.ramp_epochs = 0.99, 0.999, 5.0
@@ -223,13 +225,24 @@ def test_mae_variant_loss_is_mae_norm_pix_loss():
 def _beit_forward(model, params, images, mask, targets):
   distance = dw.distance_map(mask, model.grid)
   loss, metrics = model.loss(params, images, mask, distance, targets)
-  features = model.encode(params["encoder"], images, mask)["features"][:, :, 1:]
-  return loss, metrics, features, distance
+  out = model.encode(params["encoder"], images, mask)
+  # The class-token head's tokens after its blocks, before the shared norm.
+  early, last = out["extra_hidden"][:, 0], out["extra_hidden"][:, 1]
+  head_in = jnp.concatenate([last[:, :1], early[:, 1:]], axis=1)
+  head_out = model.cls_pt_head.apply({"params": params["cls_pt_head"]}, head_in,
+                                     out["attention_bias"])
+  return loss, metrics, out["features"][:, :, 1:], distance, head_out[:, 1:]
+
+
+def _layer_norm(x, p):
+  mu = x.mean(-1, keepdims=True)
+  return (x - mu) / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + 1e-6) * p["scale"] + p["bias"]
 
 
 @pytest.mark.parametrize("variant", ["", "dds_beitv2"])
 def test_beitv2_loss_is_masked_cross_entropy_by_hand(variant):
-  """BEiT-v2: mean CE over masked patches; DDS: sum_i lambda_i mean_b sum_m w CE / M + reg."""
+  """BEiT-v2: mean CE over masked patches, plus the class-token head's (its patch tokens
+  through the shared norm and head); DDS: sum_i lambda_i mean_b sum_m w CE / M + reg + the same."""
   c = tiny_version("configs/beitv2_vitb.py" + (":" + variant if variant else ""))
   c.tokenizer.vocab_size = 16
   model = ts.make_model(c)
@@ -241,12 +254,17 @@ def test_beitv2_loss_is_masked_cross_entropy_by_hand(variant):
   mask = masking.blockwise_mask(jax.random.PRNGKey(2), 3, model.grid, c.masking.ratio,
                                 min_patches=2)
   targets = jnp.asarray(rs.randint(0, 16, (3, 16)), jnp.int32)
-  loss, metrics, features, distance = jax.jit(functools.partial(_beit_forward, model))(
-      params, images, mask, targets)
+  loss, metrics, features, distance, head_out = jax.jit(
+      functools.partial(_beit_forward, model))(params, images, mask, targets)
   head = jax.tree.map(lambda x: np.asarray(x, np.float64), params["lm_head"])
   logits = np.asarray(features, np.float64) @ head["kernel"] + head["bias"]  # [B, K, N, V]
   logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
   m, t, dist = np.asarray(mask), np.asarray(targets), np.asarray(distance, np.float64)
+  norm = jax.tree.map(lambda x: np.asarray(x, np.float64), params["encoder"]["norm"])
+  cls_logits = _layer_norm(np.asarray(head_out, np.float64), norm) @ head["kernel"] + head["bias"]
+  cls_logp = cls_logits - np.log(np.exp(cls_logits).sum(-1, keepdims=True))  # [B, N, V]
+  cls_ce = np.mean([-cls_logp[b, n, t[b, n]] for b in range(3) for n in range(16) if m[b, n]])
+  np.testing.assert_allclose(float(metrics["cls_pt_loss"]), cls_ce, rtol=1e-5)
   lambdas = config_lib.block_weights(c)
   want = reg = 0.0
   for k in range(len(lambdas)):
@@ -259,7 +277,7 @@ def test_beitv2_loss_is_masked_cross_entropy_by_hand(variant):
         h /= h.sum()
         w, reg = h / h.max(), reg + np.sqrt((h ** 2).sum()) / 3
       want += lambdas[k] * (w * ce)[m[b]].sum() / m[b].sum() / 3
-  want += c.dds.reg_weight * reg
+  want += c.dds.reg_weight * reg + cls_ce  # BEiT-v2 adds the two CEs with weight 1
   np.testing.assert_allclose(float(loss), want, rtol=1e-5)
   if not variant:  # plain BEiT-v2: exactly the mean CE over all masked positions
     ce = [-logp[b, 0, n, t[b, n]] for b in range(3) for n in range(16) if m[b, n]]

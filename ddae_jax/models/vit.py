@@ -205,9 +205,10 @@ class RelativePositionBias(nn.Module):
     Returns:
       float32[1, heads, 1 + N, 1 + N], or [B, heads, T, T] for `tokens`.
     """
-    index = jnp.asarray(relative_position_index(self.grid))
+    index = relative_position_index(self.grid)
     table = self.param("relative_position_bias_table", nn.initializers.zeros,
                        (int(index.max()) + 1, self.num_heads))
+    index = jnp.asarray(index)
     if tokens is None:
       return jnp.moveaxis(table[index], -1, 0)[None]
     index = index[tokens[:, :, None], tokens[:, None, :]]      # [B, T, T]
@@ -284,7 +285,7 @@ class ViTEncoder(nn.Module):
     elif self.pos_embed == "sincos":
       pos = jnp.asarray(table)
     elif self.pos_embed == "none":
-      pos = jnp.zeros_like(table)  # adds nothing; XLA folds the zeros away
+      pos = jnp.zeros(table.shape, jnp.float32)  # adds nothing; XLA folds the zeros away
     else:
       raise ValueError(f"pos_embed={self.pos_embed!r}: allowed {POS_EMBEDS}")
     patches = patchify(images, p)
