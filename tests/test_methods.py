@@ -313,3 +313,46 @@ def test_beitv2_flops_match_xla_cost_analysis():
                 for v in ("dds_both", "dds_none"))
   assert flops.forward_flops_per_image(both)["distill_decoder"] == pytest.approx(
       4 * flops.forward_flops_per_image(none)["distill_decoder"])
+
+
+def test_beitv2_optimizer_is_beits_adamw_with_clipping():
+  """The built chain against torch's AdamW + clip_grad_norm_ with BEiT-v2's settings."""
+  torch = pytest.importorskip("torch")
+  c = runpy.run_path("configs/beitv2_vitb.py")["get_config"]("")
+  o = c.optim
+  assert (o.b1, o.b2, o.eps, o.grad_clip_norm, o.weight_decay) == (0.9, 0.98, 1e-8, 3.0, 0.05)
+  assert config_lib.learning_rate(c) == pytest.approx(1.5e-3) and o.min_lr == 1e-5
+  c.num_train_images, c.batch_size, c.epochs, o.warmup_epochs = 2048 * 3, 2048, 2.0, 1.0
+  schedule = optim.lr_schedule(c)
+  # BEiT's cosine_scheduler after warm-up: min + (lr - min) / 2 (1 + cos(pi i / (T - w))).
+  for step in (3, 4, 5):
+    want = 1e-5 + 0.5 * (1.5e-3 - 1e-5) * (1 + np.cos(np.pi * (step - 3) / 3))
+    assert float(schedule(step)) == pytest.approx(want, rel=1e-6)
+  rs = np.random.RandomState(0)
+  params = {"w": rs.randn(4, 6).astype(np.float32), "b": rs.randn(6).astype(np.float32)}
+  grads = [{k: (s * rs.randn(*v.shape)).astype(np.float32) for k, v in params.items()}
+           for s in (2.0, 1e-3, 0.5)]  # the first two are clipped at norm 3, the last is not
+  tx = optim.make_optimizer(c)
+  state, ours = tx.init(params), dict(params)
+  weight, bias = (torch.nn.Parameter(torch.from_numpy(params[k].copy())) for k in ("w", "b"))
+  adamw = torch.optim.AdamW([{"params": [weight], "weight_decay": 0.05},
+                             {"params": [bias], "weight_decay": 0.0}],
+                            lr=1.0, betas=(0.9, 0.98), eps=1e-8)
+  for step, g in enumerate(grads):
+    updates, state = tx.update(g, state, ours)
+    ours = jax.tree.map(lambda p, u: p + u, ours, updates)
+    weight.grad, bias.grad = torch.from_numpy(g["w"]), torch.from_numpy(g["b"])
+    torch.nn.utils.clip_grad_norm_([weight, bias], 3.0)
+    for group in adamw.param_groups:
+      group["lr"] = float(schedule(step))
+    adamw.step()
+  np.testing.assert_allclose(np.asarray(ours["w"]), weight.detach().numpy(), rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(np.asarray(ours["b"]), bias.detach().numpy(), rtol=1e-5, atol=1e-7)
+  # optim.eps reaches the chain: a large epsilon damps the same first update.
+  c.optim.warmup_epochs = 0.0
+  first = {}
+  for eps in (1e-8, 1.0):
+    c.optim.eps = eps
+    tx = optim.make_optimizer(c)
+    first[eps] = np.abs(tx.update(grads[2], tx.init(params), params)[0]["w"]).sum()
+  assert 0 < first[1.0] < 0.5 * first[1e-8]
