@@ -170,7 +170,14 @@ def test_rows_are_the_papers_settings():
   assert 55e9 < flops.train_flops_per_image(mae_b)["total"] < 62e9
   assert flops.train_flops_per_image(dds_b)["pixel_decoder"] == pytest.approx(
       4 * flops.train_flops_per_image(mae_b)["pixel_decoder"])
-  assert "tokenizer" in flops.train_flops_per_image(beit)
+  assert {"tokenizer", "cls_pt_head"} <= set(flops.train_flops_per_image(beit))
+  # BEiT-v2's student and augmentation (README: each value's source in microsoft/unilm beit2).
+  for c in (beit, dds_beit):
+    assert (c.model.pos_embed, c.model.rel_pos_bias, c.model.layer_scale) == ("none", True, 0.1)
+    assert (c.cls_pt.early_block, c.cls_pt.head_depth, c.model.feature_norm) == (9, 2, "final")
+    assert (tuple(c.data.crop_scale), c.data.color_jitter, c.data.flip) == ((0.2, 1.0), 0.4, True)
+    assert (c.batch_size, config_lib.learning_rate(c), c.optim.warmup_epochs) == (
+        2048, pytest.approx(1.5e-3), 10.0)
 
 
 def test_every_variant_is_loaded_by_the_config_test():
