@@ -43,7 +43,7 @@ class BEiTv2:
     self.block_weights = config_lib.block_weights(config)
     self.beta_branches = config_lib.beta_branches(config)
     self.early_block = config.cls_pt.early_block
-    width, depth, heads = config_lib.encoder_dims(config)
+    _, depth, heads = config_lib.encoder_dims(config)
     self.encoder = make_encoder(config).clone(
         extra_hidden_blocks=(self.early_block, depth) if self.early_block else ())
     self.cls_pt_head = ClsPretrainHead(
