@@ -9,6 +9,12 @@ beit2/TOKENIZER.md); download the file and pass its path (the default is that
 file name in the working directory). The run stops before any compute if the
 file is missing or its tensors do not match. Variants: :dds_beitv2 (shared
 head on blocks 3, 6, 9, 12 with dynamic weights), :ep800, :smoke, :fsdp.
+
+The student and recipe are BEiT-v2's (ablations.beitv2_defaults; README,
+"Reproducing the paper's tables", gives each value's source): shared relative
+position bias, layer scale 0.1, the class-token head on block 9, AdamW
+(0.9, 0.98) at 1.5e-3 for batch 2048, clipping at 3, colour jitter 0.4.
+Export a pretrained student with `convert export --layout=beit`.
 """
 
 from ddae_jax import ablations, config_lib

@@ -13,9 +13,12 @@ Method variants:
   ds_mae       MAE + deep supervision, K = 4, uniform weights         (Table 3)
   dds_mae      MAE + deep dynamic supervision: the K blocks through MAE's own
                decoder, pixel targets, dynamic weights (section 4.3)  (Tables 2, 3)
-  beitv2       BEiT-v2: mask tokens, blockwise masking of 75 / 196 patches,
-               cross-entropy on the frozen VQ-KD tokenizer's codes (Table 2)
-  dds_beitv2   BEiT-v2 + the shared head on K = 4 blocks, dynamic weights (Table 2)
+  beitv2       BEiT-v2 as its code trains: its student (shared relative position
+               bias, layer scale, class-token head), mask tokens, blockwise
+               masking of 75 / 196 patches, cross-entropy on the frozen VQ-KD
+               tokenizer's codes, its optimizer and augmentation (Table 2)
+  dds_beitv2   BEiT-v2 + the shared norm and LM head on K = 4 blocks with
+               dynamic weights; the class-token head as in BEiT-v2 (Table 2)
   ep300        300 epochs, 40 warm-up (MAE's schedule, Table 2's MAE row)
 Ablations of deep dynamic supervision (Table 6: K; Table 7: beta), each with
 deep supervision and dynamic loss on:
@@ -57,13 +60,21 @@ def _ep300(c):
 
 
 def beitv2_defaults(c):
-  """BEiT-v2's base recipe (unilm beit2/PRETRAINING.md), 100 epochs as in Table 2.
+  """BEiT-v2's base recipe (microsoft/unilm beit2: PRETRAINING.md, run_beitv2_pretraining.py,
+  modeling_pretrain.py, datasets.py), 100 epochs as in Table 2 (README: each value's source).
 
-  Batch 2048 at lr 1.5e-3 (so 1.875e-4 per 256), 10 warm-up epochs, AdamW
-  betas (0.9, 0.98) for short schedules, weight decay 0.05, gradient clipping
-  at 3, 75 of 196 patches masked blockwise, one supervised block (the last).
+  Student: no absolute positions, one relative position bias shared by all
+  blocks, layer scale 0.1, the class-token head (block 9's patches with the last
+  class token, 2 head blocks, shared norm and LM head). Recipe: 75 of 196
+  patches masked by BEiT's blockwise generator (min. 16 per block), batch 2048
+  at lr 1.5e-3 (1.875e-4 per 256) with 10 warm-up epochs and cosine decay to
+  1e-5, AdamW betas (0.9, 0.98) (its short-schedule value) and eps 1e-8,
+  weight decay 0.05, gradient clipping at 3, colour jitter 0.4 and crops of
+  scale (0.2, 1), ImageNet mean and std; one supervised block (the last).
   """
   c.method = "beitv2"
+  c.model.pos_embed, c.model.rel_pos_bias, c.model.layer_scale = "none", True, 0.1
+  c.cls_pt.early_block, c.cls_pt.head_depth = 9, 2
   # BEiT's generator alone: 75 patches, rectangles of 16 up to all still missing.
   c.masking.kind, c.masking.ratio, c.masking.min_patches = "blockwise", 75 / 196, 16
   c.masking.block_ratio, c.masking.max_patches = 0.0, 0
@@ -71,8 +82,10 @@ def beitv2_defaults(c):
   c.dds.deep_supervision, c.dds.dynamic = False, False
   c.model.feature_norm = "final"  # one norm and one head shared by every block
   c.batch_size, c.epochs = 2048, 100.0
-  c.optim.base_lr, c.optim.b2 = 1.5e-3 * 256 / 2048, 0.98
-  c.optim.warmup_epochs, c.optim.weight_decay, c.optim.grad_clip_norm = 10.0, 0.05, 3.0
+  c.optim.base_lr, c.optim.b1, c.optim.b2, c.optim.eps = 1.5e-3 * 256 / 2048, 0.9, 0.98, 1e-8
+  c.optim.warmup_epochs, c.optim.min_lr = 10.0, 1e-5
+  c.optim.weight_decay, c.optim.grad_clip_norm = 0.05, 3.0
+  c.data.crop_scale, c.data.flip, c.data.color_jitter = (0.2, 1.0), True, 0.4
   c.tokenizer.size, c.tokenizer.patch_size = "base", 16
   c.tokenizer.code_dim, c.tokenizer.vocab_size = 32, 8192
   if not c.tokenizer.checkpoint:

@@ -1,16 +1,16 @@
 """BEiT-v2 and DDS-BEiT-v2 (section 4.3, Table 2): masked token prediction.
 
 Parameters are a plain dict:
-  encoder:  ViTEncoder in mask-token mode (all patches; masked ones -> [MASK])
-  lm_head:  the shared prediction head, width -> vocab_size
-  beta:     {"shared": [K]} (if dds.dynamic)
+  encoder:      ViTEncoder in mask-token mode (all patches; masked ones -> [MASK]),
+                BEiT's student with the config's defaults: no absolute positions,
+                a shared relative position bias, layer scale 0.1
+  cls_pt_head:  BEiT-v2's class-token head, `cls_pt.head_depth` blocks (if
+                cls_pt.early_block > 0)
+  lm_head:      the shared prediction head, width -> vocab_size
+  beta:         {"shared": [K]} (if dds.dynamic)
 The frozen VQ-KD tokenizer's parameters live in the train state under
 `tokenizer`, never in `params`: no gradient or optimizer touches them.
-
-Where this differs from BEiT-v2's code (docs/decisions.md): learned absolute
-positions instead of the shared relative position bias, no layer scale, and
-no CLS-token pretraining head, so the encoder is the same ViT that DDAE and
-MAE pretrain and every evaluation reads.
+What follows BEiT-v2's code and what does not: docs/decisions.md.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import numpy as np
 from ddae_jax import config_lib, tokenizer_weights
 from ddae_jax.model import make_encoder
 from ddae_jax.models.tokenizer import VQKDTokenizer, tokenizer_input
-from ddae_jax.models.vit import VIT_SIZES
+from ddae_jax.models.vit import VIT_SIZES, Block, layer_norm
 from ddae_jax.objectives import beitv2 as objective
 from ddae_jax.objectives import ddae as ddae_objective
 from ddae_jax.objectives.dynamic_weights import loss_weights, weight_l2_norm
@@ -42,8 +42,13 @@ class BEiTv2:
     self.blocks = config_lib.supervised_blocks(config)
     self.block_weights = config_lib.block_weights(config)
     self.beta_branches = config_lib.beta_branches(config)
-    # BEiT-v2 learns its positions (decisions.md: absolute instead of relative).
-    self.encoder = make_encoder(config, pos_embed="learned")
+    self.early_block = config.cls_pt.early_block
+    _, depth, heads = config_lib.encoder_dims(config)
+    self.encoder = make_encoder(config).clone(
+        extra_hidden_blocks=(self.early_block, depth) if self.early_block else ())
+    self.cls_pt_head = ClsPretrainHead(
+        num_heads=heads, depth=config.cls_pt.head_depth, layer_scale=config.model.layer_scale,
+        dtype=dtype, attention_impl=config.model.attention_impl or None) if self.early_block else None
     t = config.tokenizer
     self.lm_head = nn.Dense(t.vocab_size, dtype=dtype,
                             kernel_init=nn.initializers.truncated_normal(0.02))
@@ -56,11 +61,17 @@ class BEiTv2:
 
   def init(self, rng: jax.Array) -> dict:
     """Fresh trainable parameters (float32)."""
-    k_enc, k_head = jax.random.split(rng)
+    k_enc, k_head, k_cls = jax.random.split(rng, 3)
     images = self._dummy()
     mask = jnp.zeros((1, self.num_patches), bool)
     params = {"encoder": self.encoder.init(k_enc, images, mask=mask)["params"]}
     width = config_lib.encoder_dims(self.config)[0]
+    if self.cls_pt_head is not None:
+      out = jax.eval_shape(self.encode, params["encoder"], images, mask)
+      tokens = jnp.zeros(out["final"].shape, jnp.float32)
+      bias = out.get("attention_bias")
+      params["cls_pt_head"] = self.cls_pt_head.init(
+          k_cls, tokens, None if bias is None else jnp.zeros(bias.shape, bias.dtype))["params"]
     params["lm_head"] = self.lm_head.init(k_head, jnp.zeros((1, width)))["params"]
     if self.beta_branches:
       params["beta"] = {"shared": jnp.asarray(config_lib.beta_init(self.config))}
@@ -95,6 +106,20 @@ class BEiTv2:
       mask = jnp.zeros(images.shape[:1] + (self.num_patches,), bool)
     return self.encoder.apply({"params": encoder_params}, images, mask=mask)
 
+  def cls_pt_logits(self, params, encoded: dict, ids: jax.Array) -> jax.Array:
+    """The class-token head's logits at the masked patches ids [B, M]: [B, 1, M, V].
+
+    [last block's class token, block `early_block`'s patch tokens] -> the head's
+    blocks -> the encoder's final norm and the shared LM head (`shared_lm_head`).
+    """
+    early, last = encoded["extra_hidden"][:, 0], encoded["extra_hidden"][:, 1]
+    x = jnp.concatenate([last[:, :1], early[:, 1:]], axis=1)
+    x = self.cls_pt_head.apply({"params": params["cls_pt_head"]}, x,
+                               encoded.get("attention_bias"))
+    x = layer_norm("norm", self.encoder.dtype).apply(
+        {"params": params["encoder"]["norm"]}, x[:, None, 1:])
+    return self.lm_head.apply({"params": params["lm_head"]}, objective.gather_patches(x, ids))
+
   def loss(self, params, images, mask, distance, targets):
     """Masked token prediction with deep dynamic supervision (eq. 3 with CE, eq. 6).
 
@@ -109,11 +134,16 @@ class BEiTv2:
       (loss, metrics).
     """
     c = self.config
-    features = self.encode(params["encoder"], images, mask)["features"][:, :, 1:]
+    out = self.encode(params["encoder"], images, mask)
+    features = out["features"][:, :, 1:]
     ids = objective.masked_ids(mask, self.num_masked)               # [B, M]
     logits = self.lm_head.apply({"params": params["lm_head"]},
                                 objective.gather_patches(features, ids))  # [B, K, M, V]
     labels = jnp.take_along_axis(targets, ids, axis=1)
+    cls_pt_loss = jnp.zeros((), jnp.float32)
+    if self.cls_pt_head is not None:
+      cls_logits = self.cls_pt_logits(params, out, ids)              # [B, 1, M, V]
+      cls_pt_loss = jnp.mean(objective.token_cross_entropy(cls_logits, labels))
     error = objective.token_cross_entropy(logits, labels)           # [B, K, M]
     if self.beta_branches:
       beta = params["beta"]["shared"]
@@ -126,14 +156,38 @@ class BEiTv2:
     per_block = ddae_objective.weighted_block_losses(
         error, weights, jnp.ones(ids.shape, bool), c.dds.normalizer)
     mim_loss = ddae_objective.deep_loss(per_block, self.block_weights)  # eq. 3, M = CE
-    loss = ddae_objective.total_loss(mim_loss, 0.0, norms, c.dds.reg_weight)  # eq. 6
+    # eq. 6, plus BEiT-v2's class-token head loss, added with weight 1 as its code does.
+    loss = ddae_objective.total_loss(mim_loss + cls_pt_loss, 0.0, norms, c.dds.reg_weight)
     accuracy = objective.token_accuracy(logits, labels)
     metrics = {"loss": loss, "mim_loss": mim_loss, "mim_accuracy": accuracy[-1],
+               "cls_pt_loss": cls_pt_loss,
                "beta_regularizer": jnp.sum(jnp.mean(norms, axis=0)) if norms.size
                else jnp.zeros((), jnp.float32)}
     for i, g in enumerate(self.blocks):
       metrics[f"mim_loss/block_{g}"] = per_block[i]
     return loss, metrics
+
+
+class ClsPretrainHead(nn.Module):
+  """BEiT-v2's class-token pretraining head (`cls_pt_layers`): `depth` more blocks.
+
+  Its input joins the last block's class token with an early block's patch
+  tokens, so the class token must gather the image's information for the
+  patches to be predicted from shallow features (BEiT-v2, section 3.2).
+  """
+  num_heads: int
+  depth: int = 2
+  layer_scale: float = 0.0
+  dtype: jnp.dtype = jnp.float32
+  attention_impl: str | None = None
+
+  @nn.compact
+  def __call__(self, x, attention_bias=None):
+    """x: [B, 1 + N, D] raw tokens; attention_bias: the encoder's shared one. -> [B, 1 + N, D]."""
+    for i in range(self.depth):
+      x = Block(self.num_heads, dtype=self.dtype, attention_impl=self.attention_impl,
+                layer_scale=self.layer_scale, name=f"block_{i}")(x, True, attention_bias)
+    return x
 
 
 def host_tokenizer_matches(loaded: dict, abstract: dict) -> None:

@@ -46,6 +46,10 @@ def base_config() -> ml_collections.ConfigDict:
   # f^(g_i) = LayerNorm(block g_i output): its own per block, or the final one.
   c.model.feature_norm = "per_block"
   c.model.pos_embed = "sincos"     # "learned": a parameter (imported timm/MAE weights)
+  # BEiT's student (method = "beitv2"): pos_embed "none", one relative position
+  # bias shared by all blocks, layer scale (per-channel branch gains) at 0.1.
+  c.model.rel_pos_bias = False
+  c.model.layer_scale = 0.0        # 0 disables
 
   # Section 4.1: blockwise masking at 75%, as BootMAE makes it (run_pretraining.py
   # --num_mask_patches 120 --min/max_mask_patches_per_block 16/60, then
@@ -102,6 +106,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.tokenizer.checkpoint = ""      # vqkd_encoder_base_decoder_3x768x12_clip-*.pth
   c.tokenizer.random_weights = False  # True: random tokenizer (tests only)
 
+  # BEiT-v2's class-token pretraining head (`_cls_pt`, method = "beitv2"): the
+  # last block's class token joined with block `early_block`'s patch tokens runs
+  # through `head_depth` more blocks, then the shared norm and LM head; its
+  # masked-token loss is added to the encoder's. early_block = 0 disables it.
+  c.cls_pt = ml_collections.ConfigDict()
+  c.cls_pt.early_block = 0
+  c.cls_pt.head_depth = 2
+
   # Momentum encoder, eq. 4. "bootmae" (BootMAE utils.adjust_ema_momentum with
   # --model_ema_dynamic), set once per epoch e: start -> mid linearly over
   # mid_epochs, then mid -> end over ramp_epochs more (paper: 0.999 -> 0.99999
@@ -118,6 +130,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.base_lr = 1.5e-4         # lr = base_lr * batch_size / 256
   c.optim.b1 = 0.9
   c.optim.b2 = 0.95
+  c.optim.eps = 1e-8               # AdamW's epsilon
   c.optim.weight_decay = 0.05
   c.optim.warmup_epochs = 20.0
   c.optim.min_lr = 1e-4            # BootMAE's pretraining script (--min_lr 1e-4)
@@ -137,6 +150,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.folder = ""               # image_folder: <folder>/<split>/<class>/<image>
   c.data.crop_scale = (0.2, 1.0)   # MAE's RandomResizedCrop scale
   c.data.flip = True
+  c.data.color_jitter = 0.0        # BEiT: brightness, contrast, saturation factors in 1 +- 0.4
   c.data.shuffle_buffer = 16384
   c.data.workers = 16              # host decode threads per process
   c.data.prefetch = 2              # batches prepared ahead
@@ -336,6 +350,15 @@ def _validate_tokenizer(config):
           "(or tokenizer.random_weights = True, for tests)")
 
 
+def _validate_cls_pt(config):
+  depth = encoder_dims(config)[1]
+  if not 0 <= config.cls_pt.early_block < depth:
+    _fail("cls_pt.early_block", config.cls_pt.early_block,
+          f"0 (no class-token head) or a block in [1, {depth - 1}]")
+  if config.cls_pt.early_block and config.cls_pt.head_depth < 1:
+    _fail("cls_pt.head_depth", config.cls_pt.head_depth, "an integer >= 1")
+
+
 def validate(config, num_devices: int | None = None) -> None:
   """Checks every field the train step uses, before any compute.
 
@@ -358,6 +381,10 @@ def validate(config, num_devices: int | None = None) -> None:
   _one_of(config, "pixel.norm_pix_stats", NORM_PIX_STATS)
   _one_of(config, "ema.schedule", EMA_SCHEDULES)
   _one_of(config, "data.source", SOURCES)
+  if config.model.layer_scale < 0:
+    _fail("model.layer_scale", config.model.layer_scale, "0 (off) or a value > 0")
+  if not 0 <= config.data.color_jitter < 1:
+    _fail("data.color_jitter", config.data.color_jitter, "a value in [0, 1)")
   lo, hi = config.data.crop_scale
   if not 0 < lo <= hi <= 1:
     _fail("data.crop_scale", tuple(config.data.crop_scale), "(low, high) with 0 < low <= high <= 1")
@@ -378,6 +405,7 @@ def validate(config, num_devices: int | None = None) -> None:
           f"a value in [0, masking.ratio = {m.ratio}] (0: all masked patches by rectangles)")
   if config.method == "beitv2":
     _validate_tokenizer(config)
+    _validate_cls_pt(config)
   elif not (config.pixel.enabled or config.distill.enabled):
     _fail("pixel.enabled", config.pixel.enabled,
           "True, or distill.enabled = True: at least one branch must train")
@@ -431,6 +459,8 @@ def validate(config, num_devices: int | None = None) -> None:
   for name in ("b1", "b2"):
     if not 0 <= o[name] < 1:
       _fail(f"optim.{name}", o[name], "a value in [0, 1)")
+  if o.eps <= 0:
+    _fail("optim.eps", o.eps, "a value > 0")
   if o.weight_decay < 0:
     _fail("optim.weight_decay", o.weight_decay, "a value >= 0")
   if not 0 <= o.warmup_epochs <= config.epochs:

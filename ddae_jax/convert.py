@@ -1,12 +1,13 @@
 r"""Encoders to and from the PyTorch ecosystem: timm and MAE checkpoints.
 
   python -m ddae_jax.convert export --workdir=RUN --out=vit.safetensors [--ema]
-      [--layout=timm|mae_vit|mae_pretrain] [--num_classes=C] [--image_size=S]
+      [--layout=timm|mae_vit|mae_pretrain|beit] [--num_classes=C] [--image_size=S]
   python -m ddae_jax.convert import --from=mae_pretrain_vit_base.pth --out=DIR \
       [--image_size=384] [--size=base]
 
 `export` writes the encoder as a timm `vit_{size}_patch{P}_{S}` state dict
-(`.safetensors`, or `.pth`/`.pt` through torch); `import` writes an Orbax
+(`.safetensors`, or `.pth`/`.pt` through torch), or a BEiT-v2 student as timm's
+`beit_{size}_patch{P}_{S}` (`--layout=beit`); `import` writes an Orbax
 checkpoint plus config.json in the pretraining layout, which the fine-tuning,
 linear-probe, k-NN and analysis binaries restore (`pretrained.load_encoder`).
 Key layouts are listed in `ddae_jax/timm_weights.py`. torch is imported only
@@ -151,6 +152,12 @@ def _square_side(num_patches: int) -> int:
 def timm_recipe(size: str, patch: int, image_size: int, num_classes: int, layout: str) -> str:
   """The PyTorch line that builds the model an export loads into with strict=True."""
   width, depth, heads = VIT_SIZES[size]
+  if layout == "beit":
+    if size in ("base", "large") and image_size in (224, 384, 512):
+      return f"timm.create_model('beit_{size}_patch{patch}_{image_size}', num_classes={num_classes})"
+    return (f"timm.models.beit.Beit(img_size={image_size}, patch_size={patch}, "
+            f"embed_dim={width}, depth={depth}, num_heads={heads}, num_classes={num_classes}, "
+            "use_abs_pos_emb=False, use_rel_pos_bias=True, init_values=0.1)")
   if layout == "mae_vit":
     return (f"models_vit.vit_{size}_patch{patch}(num_classes={num_classes}, global_pool=True)"
             f"  # MAE's repository; timm: global_pool='avg'")
@@ -198,7 +205,9 @@ def export_checkpoint(workdir, out, which: str = "online", layout: str = "timm",
   if config is not None:
     if "pos_embed" not in config.model:  # runs from before the field existed
       config.model.pos_embed = "learned" if "pos_embed" in params else "sincos"
-    pretrained.check_encoder(params, _expected_encoder(config, config.model.image_size))
+    # mask_token: BEiT's pretraining-only input embedding, which exports drop.
+    pretrained.check_encoder(params, _expected_encoder(config, config.model.image_size),
+                             ignore=("mask_token",))
     image_size = image_size or config.model.image_size
   elif image_size is None:
     if arch["num_patches"] is None:
@@ -209,15 +218,37 @@ def export_checkpoint(workdir, out, which: str = "online", layout: str = "timm",
   if image_size % patch:
     raise ConvertError(f"--image_size={image_size} is not a multiple of the patch size {patch}")
   grid = (image_size // patch, image_size // patch)
-  sd = timm_weights.encoder_params_to_timm(params, arch["depth"], patch, grid, layout,
-                                           num_classes)
+  sd = _export_state_dict(params, arch, grid, layout, num_classes)
   recipe = timm_recipe(size, patch, image_size, num_classes, layout)
   write_state_dict(sd, out, nest_under="model" if layout == "mae_pretrain" else None,
                    metadata={"layout": layout, "create": recipe, "step": str(step),
                              "encoder": which})
-  dropped = sorted(k for k in params if k.startswith("feature_norm_"))
+  dropped = sorted(k for k in params if k.startswith("feature_norm_") or k == "mask_token")
   return {"out": str(out), "step": step, "encoder": which, "layout": layout,
           "tensors": len(sd), "create": recipe, "dropped": dropped}
+
+
+def _export_state_dict(params, arch, grid, layout, num_classes) -> dict:
+  """The layout's state dict; a BEiT student only as `beit`, at its own grid."""
+  beit_student = "rel_pos_bias" in params or "gamma_1" in params["block_0"]
+  if beit_student != (layout == "beit"):
+    raise ConvertError(
+        "this encoder is BEiT's student (relative position bias, layer scale): export it "
+        "with --layout=beit" if beit_student else
+        "--layout=beit needs BEiT's student (model.rel_pos_bias, model.layer_scale > 0, "
+        "model.pos_embed='none'); this encoder is a plain ViT: use --layout=timm")
+  if layout != "beit":
+    return timm_weights.encoder_params_to_timm(params, arch["depth"], arch["patch_size"], grid,
+                                               layout, num_classes)
+  table = np.shape(params["rel_pos_bias"]["relative_position_bias_table"])[0]
+  if table != (2 * grid[0] - 1) * (2 * grid[1] - 1) + 3:
+    raise ConvertError("--image_size must be the run's own for --layout=beit: the relative "
+                       "position table is not resampled")
+  try:
+    return timm_weights.encoder_params_to_beit(params, arch["depth"], arch["patch_size"],
+                                               num_classes)
+  except timm_weights.StateDictMismatch as err:
+    raise ConvertError(str(err)) from None
 
 
 # ----------------------------------------------------------------- import
@@ -293,7 +324,8 @@ def _parser() -> argparse.ArgumentParser:
   ex.add_argument("--layout", default="timm", choices=timm_weights.LAYOUTS,
                   help="key naming: timm (final `norm`), mae_vit (MAE models_vit with "
                        "global_pool=True: `fc_norm`), mae_pretrain ({'model': timm keys}, "
-                       "like mae_pretrain_vit_base.pth; .pth only). Default: timm")
+                       "like mae_pretrain_vit_base.pth; .pth only), beit (BEiT-v2 students: "
+                       "timm's beit_*_patch16_224). Default: timm")
   ex.add_argument("--num_classes", type=int, default=0,
                   help="0 (default): no classifier, load with num_classes=0; C > 0: add a "
                        "zero-initialised head.weight [C, D] and head.bias [C]")

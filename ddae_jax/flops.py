@@ -47,7 +47,8 @@ def decoder_forward_flops(in_tokens: int, num_patches: int, in_width: int, width
 
 
 def beitv2_forward_flops_per_image(config) -> dict:
-  """BEiT-v2: the encoder on all patches, the head on the masked ones of K blocks, the tokenizer."""
+  """BEiT-v2: the encoder on all patches, the head on the masked ones of K blocks, the
+  class-token head's blocks on all tokens and its LM head on the masked ones, the tokenizer."""
   width, _, _ = config_lib.encoder_dims(config)
   grid = config_lib.grid_size(config)
   n = grid[0] * grid[1]
@@ -55,14 +56,18 @@ def beitv2_forward_flops_per_image(config) -> dict:
   blocks = config_lib.supervised_blocks(config)
   t = config.tokenizer
   t_width, t_depth, _ = VIT_SIZES[t.size]
-  return {
+  lm_head = 2 * num_masked(config.masking.ratio, grid) * width * t.vocab_size
+  parts = {
       "encoder": encoder_forward_flops(n + 1, width, max(blocks), patch_dim),
-      "lm_head": len(blocks) * 2 * num_masked(config.masking.ratio, grid) * width * t.vocab_size,
+      "lm_head": len(blocks) * lm_head,
       # ViT, task layer (D -> D -> code_dim), distances to every code.
       "tokenizer": (encoder_forward_flops(n + 1, t_width, t_depth, patch_dim)
                     + 2 * n * t_width * (t_width + t.code_dim)
                     + 2 * n * t.code_dim * t.vocab_size),
   }
+  if config.cls_pt.early_block:
+    parts["cls_pt_head"] = config.cls_pt.head_depth * block_flops(n + 1, width) + lm_head
+  return parts
 
 
 def forward_flops_per_image(config) -> dict:

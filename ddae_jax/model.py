@@ -41,7 +41,10 @@ def make_encoder(config, pos_embed: str | None = None) -> ViTEncoder:
       feature_blocks=config_lib.supervised_blocks(config),
       feature_norm=config.model.feature_norm, dtype=jnp.dtype(config.model.dtype),
       attention_impl=config.model.attention_impl or None, remat=config.model.remat,
-      pos_embed=pos_embed or config.model.get("pos_embed", "sincos"))
+      pos_embed=pos_embed or config.model.get("pos_embed", "sincos"),
+      # .get: configs saved before these fields existed are plain ViTs.
+      rel_pos_bias=config.model.get("rel_pos_bias", False),
+      layer_scale=config.model.get("layer_scale", 0.0))
 
 
 class DDAE:

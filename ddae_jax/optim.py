@@ -45,9 +45,10 @@ def lr_schedule(config) -> optax.Schedule:
 def make_optimizer(config) -> optax.GradientTransformation:
   o = config.optim
   schedule = lr_schedule(config)
-  adamw = lambda wd: optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=1e-8, weight_decay=wd)
+  adamw = lambda wd: optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=wd)
   if config.dds.beta_learnable:
-    beta_opt = optax.adam(lambda step: schedule(step) * o.beta_lr_scale, b1=o.b1, b2=o.b2)
+    beta_opt = optax.adam(lambda step: schedule(step) * o.beta_lr_scale, b1=o.b1, b2=o.b2,
+                          eps=o.eps)
   else:
     beta_opt = optax.set_to_zero()
   tx = optax.multi_transform(

@@ -17,6 +17,13 @@ The state dict layouts (D width, P patch, N patches, C classes, i < depth):
   mae_pretrain: MAE's `mae_pretrain_vit_*.pth`: {"model": <timm keys>}; MAE's own
     pretraining checkpoints add decoder keys (`decoder_*`, `mask_token`), which
     import drops (this repository's decoders are a different architecture).
+  beit: timm's `Beit` as `beit_base_patch16_224` builds it (BEiT-v2 students:
+    no pos_embed, a relative position table per block, layer scale, mean pooling):
+    cls_token, patch_embed.proj.*, fc_norm.{weight,bias} [D] (our final norm), and
+    blocks.{i}.gamma_1, gamma_2 [D]        blocks.{i}.attn.q_bias, v_bias [D]
+    blocks.{i}.attn.relative_position_bias_table [(2 rows - 1)(2 cols - 1) + 3, heads]
+    blocks.{i}.attn.qkv.weight [3D, D] (no bias), and the other block keys of timm.
+    Our one shared table is written into every block, as BEiT's fine-tuning does.
 
 Ours are Flax kernels [in, out] and a Dense over flattened (p, q, c) patches;
 timm's Linear weights are [out, in] and its patch embedding a conv [D, C, P, P].
@@ -33,7 +40,7 @@ import numpy as np
 from ddae_jax.models.vit import sincos_pos_embed
 from ddae_jax.pretrained import CheckpointMismatch
 
-LAYOUTS = ("timm", "mae_vit", "mae_pretrain")
+LAYOUTS = ("timm", "mae_vit", "mae_pretrain", "beit")
 _LINEARS = (("attn", "qkv", 3), ("attn", "proj", 1), ("mlp", "fc1", 4), ("mlp", "fc2", 1))
 _DECODER_PREFIXES = ("decoder_", "mask_token")
 
@@ -49,7 +56,7 @@ def dense_from_linear(sd, name):
 def _final_norm(layout: str) -> str:
   if layout not in LAYOUTS:
     raise ValueError(f"layout={layout!r}: allowed {LAYOUTS}")
-  return "fc_norm" if layout == "mae_vit" else "norm"
+  return "fc_norm" if layout in ("mae_vit", "beit") else "norm"
 
 
 def timm_shapes(width: int, depth: int, patch_size: int, num_patches: int,
@@ -239,3 +246,76 @@ def encoder_params_to_timm(params: dict, depth: int, patch_size: int, grid: tupl
     sd["head.weight"] = np.zeros((num_classes, width), np.float32)
     sd["head.bias"] = np.zeros((num_classes,), np.float32)
   return {k: np.ascontiguousarray(v, np.float32) for k, v in sd.items()}
+
+
+# ------------------------------------------------------------------ BEiT (timm's Beit)
+BEIT_TABLE = "attn.relative_position_bias_table"
+
+
+def beit_shapes(width: int, depth: int, patch_size: int, grid: tuple[int, int], heads: int,
+                num_classes: int = 0) -> dict[str, tuple]:
+  """{key: shape} of the `beit` layout (module docstring)."""
+  d, table = width, ((2 * grid[0] - 1) * (2 * grid[1] - 1) + 3, heads)
+  shapes = {k: v for k, v in timm_shapes(width, depth, patch_size, 0, "beit", num_classes).items()
+            if k != "pos_embed" and not k.endswith("attn.qkv.bias")}
+  for i in range(depth):
+    b = f"blocks.{i}"
+    shapes.update({f"{b}.gamma_1": (d,), f"{b}.gamma_2": (d,), f"{b}.attn.q_bias": (d,),
+                   f"{b}.attn.v_bias": (d,), f"{b}.{BEIT_TABLE}": table})
+  return shapes
+
+
+def encoder_params_to_beit(params: dict, depth: int, patch_size: int,
+                           num_classes: int = 0) -> dict:
+  """A timm `Beit` state dict (NumPy) from a BEiT student's encoder params.
+
+  The key bias of our fused qkv is dropped: it adds q . b_k to every logit of a
+  query row, which the softmax cancels, so attention is unchanged (BEiT fixes it at 0).
+  """
+  p = jax.tree.map(np.asarray, params)
+  if "rel_pos_bias" not in p or "gamma_1" not in p["block_0"] or "pos_embed" in p:
+    raise StateDictMismatch(
+        "the beit layout needs a BEiT student (model.pos_embed='none', model.rel_pos_bias, "
+        "model.layer_scale > 0); this encoder is a plain ViT: export it with layout timm")
+  sd = encoder_params_to_timm({k: v for k, v in p.items() if k != "rel_pos_bias"}, depth,
+                              patch_size, (1, 1), "beit", num_classes)
+  del sd["pos_embed"]
+  table = p["rel_pos_bias"]["relative_position_bias_table"]
+  width = p["patch_embed"]["kernel"].shape[1]
+  for i in range(depth):
+    blk, b = p[f"block_{i}"], f"blocks.{i}"
+    qkv_bias = sd.pop(f"{b}.attn.qkv.bias")
+    sd.update({f"{b}.gamma_1": blk["gamma_1"], f"{b}.gamma_2": blk["gamma_2"],
+               f"{b}.attn.q_bias": qkv_bias[:width], f"{b}.attn.v_bias": qkv_bias[2 * width:],
+               f"{b}.{BEIT_TABLE}": table})
+  return {k: np.ascontiguousarray(v, np.float32) for k, v in sd.items()}
+
+
+def encoder_params_from_beit(sd: dict, depth: int) -> dict:
+  """Our BEiT student's encoder params from a timm `Beit` state dict (shared or equal tables).
+
+  Raises StateDictMismatch when the per-block tables differ (a fine-tuned BEiT):
+  our encoder holds one table for all blocks.
+  """
+  sd = {k: np.asarray(v) for k, v in sd.items()}
+  tables = [sd.get("rel_pos_bias.relative_position_bias_table")] if (
+      "rel_pos_bias.relative_position_bias_table" in sd) else [
+          sd[f"blocks.{i}.{BEIT_TABLE}"] for i in range(depth)]
+  if any(not np.array_equal(t, tables[0]) for t in tables):
+    raise StateDictMismatch("the blocks' relative position tables differ; this encoder "
+                            "shares one table between all blocks")
+  width = sd["patch_embed.proj.weight"].shape[0]
+  timm_sd = {k: v for k, v in sd.items() if "relative_position" not in k}
+  timm_sd["pos_embed"] = np.zeros((1, 1, width), np.float32)  # dropped below
+  timm_sd["norm.weight"], timm_sd["norm.bias"] = sd["fc_norm.weight"], sd["fc_norm.bias"]
+  for i in range(depth):
+    b = f"blocks.{i}"
+    timm_sd[f"{b}.attn.qkv.bias"] = np.concatenate(
+        [sd[f"{b}.attn.q_bias"], np.zeros_like(sd[f"{b}.attn.q_bias"]), sd[f"{b}.attn.v_bias"]])
+  params = encoder_params_from_timm(timm_sd, depth)
+  del params["pos_embed"]
+  params["rel_pos_bias"] = {"relative_position_bias_table": tables[0]}
+  for i in range(depth):
+    params[f"block_{i}"].update(gamma_1=sd[f"blocks.{i}.gamma_1"],
+                                gamma_2=sd[f"blocks.{i}.gamma_2"])
+  return params

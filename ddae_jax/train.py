@@ -86,7 +86,8 @@ def train_and_evaluate(config, workdir: str, init_dir: str | None = None) -> dic
   loader = pipeline.TrainLoader(
       source, sharding.batch_sharding(mesh), local_batch, config.model.image_size,
       config.seed, start=position, scale=config.data.crop_scale, flip=config.data.flip,
-      workers=config.data.workers, prefetch=config.data.prefetch)
+      workers=config.data.workers, prefetch=config.data.prefetch,
+      color_jitter=config.data.get("color_jitter", 0.0))  # .get: older config.json files
 
   # ------------------------------------------------------------------ metrics
   writer = metrics.create_writer(str(workdir))

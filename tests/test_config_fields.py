@@ -22,6 +22,8 @@ NOT_READ_BY_DDAE = {
     # BEiT-v2's frozen tokenizer (method = "beitv2"); DDAE has none.
     "tokenizer.size", "tokenizer.patch_size", "tokenizer.code_dim", "tokenizer.vocab_size",
     "tokenizer.checkpoint", "tokenizer.random_weights",
+    # BEiT-v2's class-token pretraining head (method = "beitv2").
+    "cls_pt.early_block", "cls_pt.head_depth",
     # Read by the TFDS and image-folder sources only (this run uses synthetic data).
     "data.name", "data.data_dir", "data.folder", "data.shuffle_buffer",
 }

@@ -242,3 +242,60 @@ def test_reads_bfloat16_safetensors_and_refuses_pickled_objects(tmp_path):
   torch.save({"model": {"w": weights}, "args": argparse.Namespace(lr=1.0)}, tmp_path / "t.pth")
   with pytest.raises(SystemExit, match="objects other than tensors.*argparse.Namespace"):
     convert.main(["import", f"--from={tmp_path / 't.pth'}", f"--out={tmp_path / 'run'}"])
+
+
+def test_beit_student_exports_strictly_into_timms_beit_with_the_same_features(tmp_path):
+  """A BEiT-v2 student (shared table, layer scale, no pos_embed) as timm's Beit, float32."""
+  config = config_lib.tiny_config()
+  config.method, config.model.feature_norm = "beitv2", "final"
+  config.model.pos_embed, config.model.rel_pos_bias, config.model.layer_scale = "none", True, 0.1
+  config.tokenizer.size, config.tokenizer.patch_size, config.tokenizer.random_weights = (
+      "tiny", 4, True)
+  encoder = DDAE(config).encoder
+  mask = jnp.zeros((1, 64), bool)
+  shapes = jax.eval_shape(encoder.init, jax.random.key(1), jnp.zeros((1, 32, 32, 3)),
+                          mask=mask)["params"]
+  assert {"rel_pos_bias", "mask_token"} <= set(shapes) and "pos_embed" not in shapes
+  leaves, tree = jax.tree.flatten(shapes)
+  rng = np.random.default_rng(2)
+  params = jax.tree.unflatten(tree, [(0.1 * rng.normal(size=x.shape) + (x.shape == (WIDTH,)))
+                                     .astype(np.float32) for x in leaves])
+  pretrained.save_encoder(tmp_path / "run", params, config, step=5)
+  images = _images()
+  out = jax.jit(encoder.apply)({"params": params}, jnp.asarray(images))
+  with pytest.raises(convert.ConvertError, match="--layout=beit"):
+    convert.export_checkpoint(tmp_path / "run", tmp_path / "vit.safetensors")
+  summary = convert.export_checkpoint(tmp_path / "run", tmp_path / "beit.pth", layout="beit",
+                                      num_classes=10)
+  assert summary["dropped"] == ["mask_token"] and "timm.models.beit.Beit(" in summary["create"]
+  model = timm.models.beit.Beit(img_size=32, patch_size=4, embed_dim=WIDTH, depth=DEPTH,
+                                num_heads=HEADS, num_classes=10, use_abs_pos_emb=False,
+                                use_rel_pos_bias=True, init_values=0.1)
+  model.load_state_dict(torch.load(tmp_path / "beit.pth", weights_only=True), strict=True)
+  with torch.no_grad():
+    tokens = model.eval().forward_features(_nchw(images))  # raw: its norm is the identity
+    pooled = model.forward_head(tokens, pre_logits=True).numpy()
+  last_block = np.asarray(out["hidden"][:, -1])
+  assert np.max(np.abs(last_block - tokens.numpy())) < 1e-4
+  # fc_norm (mean pooling) carries our final norm's affine, as in the mae_vit layout.
+  raw = last_block[:, 1:].mean(axis=1)
+  mu, var = raw.mean(-1, keepdims=True), raw.var(-1, keepdims=True)
+  w, b = params["norm"]["scale"], params["norm"]["bias"]
+  assert np.max(np.abs((raw - mu) / np.sqrt(var + 1e-6) * w + b - pooled)) < 1e-4
+  # The importer's inverse gives back the encoder (less the key bias, which attention ignores).
+  sd = {k: v.numpy() for k, v in torch.load(tmp_path / "beit.pth", weights_only=True).items()
+        if not k.startswith("head.")}
+  back = timm_weights.encoder_params_from_beit(sd, DEPTH)
+  qkv = params["block_0"]["attn"]["qkv"]["bias"]
+  np.testing.assert_array_equal(back["block_0"]["attn"]["qkv"]["bias"],
+                                np.concatenate([qkv[:WIDTH], np.zeros(WIDTH), qkv[2 * WIDTH:]]))
+  np.testing.assert_array_equal(back["rel_pos_bias"]["relative_position_bias_table"],
+                                params["rel_pos_bias"]["relative_position_bias_table"])
+
+
+def test_beit_layout_shapes_are_timms_beit_base():
+  with torch.device("meta"):
+    model = timm.create_model("beit_base_patch16_224", num_classes=1000)
+  want = {k: tuple(v.shape) for k, v in model.state_dict().items()
+          if not k.endswith("relative_position_index")}
+  assert timm_weights.beit_shapes(768, 12, 16, (14, 14), 12, 1000) == want

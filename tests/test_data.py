@@ -110,3 +110,25 @@ def test_jsonl_writer_appends_locally_and_rewrites_on_object_stores(tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 11, 12]
     assert rows[0]["beta/shared/block_1"] == -0.5
   assert JsonlWriter(str(tmp_path / "x")).append
+
+
+def test_color_jitter_is_torchvisions_and_off_draws_nothing():
+  """BEiT's ColorJitter(0.4, 0.4, 0.4): our draws replayed through torchvision's functional ops."""
+  tvf = pytest.importorskip("torchvision.transforms.functional")
+  img = Image.fromarray((np.random.default_rng(1).random((40, 56, 3)) * 255).astype(np.uint8))
+  ours = np.asarray(augment.color_jitter(img, np.random.default_rng(7), 0.4))
+  twin = np.random.default_rng(7)
+  factors, order = twin.uniform(0.6, 1.4, size=3), twin.permutation(3)
+  ops = (tvf.adjust_brightness, tvf.adjust_contrast, tvf.adjust_saturation)
+  want = img
+  for i in order:
+    want = ops[i](want, float(factors[i]))
+  np.testing.assert_array_equal(ours, np.asarray(want))
+  assert not np.array_equal(ours, np.asarray(img))
+  # jitter = 0 consumes no randomness: the crops and flips of a run without it.
+  rng = np.random.default_rng(3)
+  augment.pretrain_view(np.asarray(img), rng, 32)
+  plain_next = rng.random()
+  rng = np.random.default_rng(3)
+  augment.pretrain_view(np.asarray(img), rng, 32, jitter=0.0)
+  assert rng.random() == plain_next

@@ -36,6 +36,8 @@ def tiny_version(config_arg: str):
   c.distill.decoder_depth = 1
   c.tokenizer.size, c.tokenizer.patch_size, c.tokenizer.vocab_size = "tiny", 4, 64
   c.tokenizer.checkpoint, c.tokenizer.random_weights = "", True
+  if c.cls_pt.early_block:  # BEiT-v2's block 9 of 12: block 3 of the tiny 4
+    c.cls_pt.early_block = 3
   c.batch_size, c.num_train_images, c.epochs = 8, 8, 100.0
   c.optim.base_lr, c.optim.warmup_epochs, c.optim.grad_clip_norm = 1e-3 * 256 / 8, 0.0, 0.0
   c.ema.momentum_start, c.ema.momentum_end, c.ema.ramp_epochs = 0.99, 0.999, 5.0
@@ -168,7 +170,14 @@ def test_rows_are_the_papers_settings():
   assert 55e9 < flops.train_flops_per_image(mae_b)["total"] < 62e9
   assert flops.train_flops_per_image(dds_b)["pixel_decoder"] == pytest.approx(
       4 * flops.train_flops_per_image(mae_b)["pixel_decoder"])
-  assert "tokenizer" in flops.train_flops_per_image(beit)
+  assert {"tokenizer", "cls_pt_head"} <= set(flops.train_flops_per_image(beit))
+  # BEiT-v2's student and augmentation (README: each value's source in microsoft/unilm beit2).
+  for c in (beit, dds_beit):
+    assert (c.model.pos_embed, c.model.rel_pos_bias, c.model.layer_scale) == ("none", True, 0.1)
+    assert (c.cls_pt.early_block, c.cls_pt.head_depth, c.model.feature_norm) == (9, 2, "final")
+    assert (tuple(c.data.crop_scale), c.data.color_jitter, c.data.flip) == ((0.2, 1.0), 0.4, True)
+    assert (c.batch_size, config_lib.learning_rate(c), c.optim.warmup_epochs) == (
+        2048, pytest.approx(1.5e-3), 10.0)
 
 
 def test_every_variant_is_loaded_by_the_config_test():
@@ -223,13 +232,24 @@ def test_mae_variant_loss_is_mae_norm_pix_loss():
 def _beit_forward(model, params, images, mask, targets):
   distance = dw.distance_map(mask, model.grid)
   loss, metrics = model.loss(params, images, mask, distance, targets)
-  features = model.encode(params["encoder"], images, mask)["features"][:, :, 1:]
-  return loss, metrics, features, distance
+  out = model.encode(params["encoder"], images, mask)
+  # The class-token head's tokens after its blocks, before the shared norm.
+  early, last = out["extra_hidden"][:, 0], out["extra_hidden"][:, 1]
+  head_in = jnp.concatenate([last[:, :1], early[:, 1:]], axis=1)
+  head_out = model.cls_pt_head.apply({"params": params["cls_pt_head"]}, head_in,
+                                     out["attention_bias"])
+  return loss, metrics, out["features"][:, :, 1:], distance, head_out[:, 1:]
+
+
+def _layer_norm(x, p):
+  mu = x.mean(-1, keepdims=True)
+  return (x - mu) / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + 1e-6) * p["scale"] + p["bias"]
 
 
 @pytest.mark.parametrize("variant", ["", "dds_beitv2"])
 def test_beitv2_loss_is_masked_cross_entropy_by_hand(variant):
-  """BEiT-v2: mean CE over masked patches; DDS: sum_i lambda_i mean_b sum_m w CE / M + reg."""
+  """BEiT-v2: mean CE over masked patches, plus the class-token head's (its patch tokens
+  through the shared norm and head); DDS: sum_i lambda_i mean_b sum_m w CE / M + reg + the same."""
   c = tiny_version("configs/beitv2_vitb.py" + (":" + variant if variant else ""))
   c.tokenizer.vocab_size = 16
   model = ts.make_model(c)
@@ -241,12 +261,17 @@ def test_beitv2_loss_is_masked_cross_entropy_by_hand(variant):
   mask = masking.blockwise_mask(jax.random.PRNGKey(2), 3, model.grid, c.masking.ratio,
                                 min_patches=2)
   targets = jnp.asarray(rs.randint(0, 16, (3, 16)), jnp.int32)
-  loss, metrics, features, distance = jax.jit(functools.partial(_beit_forward, model))(
-      params, images, mask, targets)
+  loss, metrics, features, distance, head_out = jax.jit(
+      functools.partial(_beit_forward, model))(params, images, mask, targets)
   head = jax.tree.map(lambda x: np.asarray(x, np.float64), params["lm_head"])
   logits = np.asarray(features, np.float64) @ head["kernel"] + head["bias"]  # [B, K, N, V]
   logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
   m, t, dist = np.asarray(mask), np.asarray(targets), np.asarray(distance, np.float64)
+  norm = jax.tree.map(lambda x: np.asarray(x, np.float64), params["encoder"]["norm"])
+  cls_logits = _layer_norm(np.asarray(head_out, np.float64), norm) @ head["kernel"] + head["bias"]
+  cls_logp = cls_logits - np.log(np.exp(cls_logits).sum(-1, keepdims=True))  # [B, N, V]
+  cls_ce = np.mean([-cls_logp[b, n, t[b, n]] for b in range(3) for n in range(16) if m[b, n]])
+  np.testing.assert_allclose(float(metrics["cls_pt_loss"]), cls_ce, rtol=1e-5)
   lambdas = config_lib.block_weights(c)
   want = reg = 0.0
   for k in range(len(lambdas)):
@@ -259,7 +284,7 @@ def test_beitv2_loss_is_masked_cross_entropy_by_hand(variant):
         h /= h.sum()
         w, reg = h / h.max(), reg + np.sqrt((h ** 2).sum()) / 3
       want += lambdas[k] * (w * ce)[m[b]].sum() / m[b].sum() / 3
-  want += c.dds.reg_weight * reg
+  want += c.dds.reg_weight * reg + cls_ce  # BEiT-v2 adds the two CEs with weight 1
   np.testing.assert_allclose(float(loss), want, rtol=1e-5)
   if not variant:  # plain BEiT-v2: exactly the mean CE over all masked positions
     ce = [-logp[b, 0, n, t[b, n]] for b in range(3) for n in range(16) if m[b, n]]
@@ -295,3 +320,46 @@ def test_beitv2_flops_match_xla_cost_analysis():
                 for v in ("dds_both", "dds_none"))
   assert flops.forward_flops_per_image(both)["distill_decoder"] == pytest.approx(
       4 * flops.forward_flops_per_image(none)["distill_decoder"])
+
+
+def test_beitv2_optimizer_is_beits_adamw_with_clipping():
+  """The built chain against torch's AdamW + clip_grad_norm_ with BEiT-v2's settings."""
+  torch = pytest.importorskip("torch")
+  c = runpy.run_path("configs/beitv2_vitb.py")["get_config"]("")
+  o = c.optim
+  assert (o.b1, o.b2, o.eps, o.grad_clip_norm, o.weight_decay) == (0.9, 0.98, 1e-8, 3.0, 0.05)
+  assert config_lib.learning_rate(c) == pytest.approx(1.5e-3) and o.min_lr == 1e-5
+  c.num_train_images, c.batch_size, c.epochs, o.warmup_epochs = 2048 * 3, 2048, 2.0, 1.0
+  schedule = optim.lr_schedule(c)
+  # BEiT's cosine_scheduler after warm-up: min + (lr - min) / 2 (1 + cos(pi i / (T - w))).
+  for step in (3, 4, 5):
+    want = 1e-5 + 0.5 * (1.5e-3 - 1e-5) * (1 + np.cos(np.pi * (step - 3) / 3))
+    assert float(schedule(step)) == pytest.approx(want, rel=1e-6)
+  rs = np.random.RandomState(0)
+  params = {"w": rs.randn(4, 6).astype(np.float32), "b": rs.randn(6).astype(np.float32)}
+  grads = [{k: (s * rs.randn(*v.shape)).astype(np.float32) for k, v in params.items()}
+           for s in (2.0, 1e-3, 0.5)]  # the first two are clipped at norm 3, the last is not
+  tx = optim.make_optimizer(c)
+  state, ours = tx.init(params), dict(params)
+  weight, bias = (torch.nn.Parameter(torch.from_numpy(params[k].copy())) for k in ("w", "b"))
+  adamw = torch.optim.AdamW([{"params": [weight], "weight_decay": 0.05},
+                             {"params": [bias], "weight_decay": 0.0}],
+                            lr=1.0, betas=(0.9, 0.98), eps=1e-8)
+  for step, g in enumerate(grads):
+    updates, state = tx.update(g, state, ours)
+    ours = jax.tree.map(lambda p, u: p + u, ours, updates)
+    weight.grad, bias.grad = torch.from_numpy(g["w"]), torch.from_numpy(g["b"])
+    torch.nn.utils.clip_grad_norm_([weight, bias], 3.0)
+    for group in adamw.param_groups:
+      group["lr"] = float(schedule(step))
+    adamw.step()
+  np.testing.assert_allclose(np.asarray(ours["w"]), weight.detach().numpy(), rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(np.asarray(ours["b"]), bias.detach().numpy(), rtol=1e-5, atol=1e-7)
+  # optim.eps reaches the chain: a large epsilon damps the same first update.
+  c.optim.warmup_epochs = 0.0
+  first = {}
+  for eps in (1e-8, 1.0):
+    c.optim.eps = eps
+    tx = optim.make_optimizer(c)
+    first[eps] = np.abs(tx.update(grads[2], tx.init(params), params)[0]["w"]).sum()
+  assert 0 < first[1.0] < 0.5 * first[1e-8]

@@ -5,11 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from timm.models import beit as beit_lib
 import timm.models.vision_transformer as timm_vit
 import torch
 
 from ddae_jax import timm_weights
-from ddae_jax.models.vit import ViTEncoder, patchify, sincos_pos_embed, unpatchify
+from ddae_jax.models.vit import (ViTEncoder, patchify, relative_position_index,
+                                 sincos_pos_embed, unpatchify)
 from ddae_jax.objectives import masking
 
 WIDTH, DEPTH, HEADS, PATCH, SIZE = 64, 4, 4, 4, 32
@@ -129,3 +131,80 @@ def test_patchify_roundtrip_and_mae_order():
   np.testing.assert_array_equal(patches, want)
   np.testing.assert_array_equal(np.asarray(unpatchify(jnp.asarray(patches), PATCH, GRID)),
                                 images)
+
+
+# ------------------------------------------------ BEiT's student: shared rel. pos. bias, layer scale
+@pytest.fixture(scope="module")
+def timm_beit():
+  """timm's Beit as BEiT-v2 pretrains it: no absolute positions, one shared table, gamma."""
+  torch.manual_seed(1)
+  model = beit_lib.Beit(img_size=SIZE, patch_size=PATCH, embed_dim=WIDTH, depth=DEPTH,
+                         num_heads=HEADS, num_classes=0, use_abs_pos_emb=False,
+                         use_rel_pos_bias=False, use_shared_rel_pos_bias=True, init_values=0.1)
+  with torch.no_grad():  # the table and gammas start at 0 / 0.1: randomise every tensor
+    for _, p in model.named_parameters():
+      p.add_(0.1 * torch.randn_like(p))
+  return model.eval()
+
+
+def _beit_encoder(**kw):
+  return ViTEncoder(patch_size=PATCH, width=WIDTH, depth=DEPTH, num_heads=HEADS,
+                    pos_embed="none", rel_pos_bias=True, layer_scale=0.1, **kw)
+
+
+def _timm_beit_blocks(model, images, ids_keep=None):
+  """timm's own modules; with ids_keep, only those patches (and the bias rows/columns) run."""
+  with torch.no_grad():
+    x = model.patch_embed(torch.from_numpy(images).permute(0, 3, 1, 2))
+    bias = model.rel_pos_bias()[None].expand(x.shape[0], -1, -1, -1)
+    if ids_keep is not None:
+      keep = torch.from_numpy(np.array(ids_keep)).long()
+      x = torch.gather(x, 1, keep[..., None].expand(-1, -1, WIDTH))
+      tokens = torch.cat([torch.zeros_like(keep[:, :1]), keep + 1], dim=1)
+      rows = torch.gather(bias, 2, tokens[:, None, :, None].expand(-1, HEADS, -1, bias.shape[3]))
+      bias = torch.gather(rows, 3, tokens[:, None, None, :].expand(-1, HEADS, tokens.shape[1], -1))
+    x = torch.cat([model.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+    outs = []
+    for blk in model.blocks:
+      x = blk(x, shared_rel_pos_bias=bias)
+      outs.append(x.numpy())
+    return outs
+
+
+def test_relative_position_index_is_beits():
+  for grid in ((SIZE // PATCH,) * 2, (3, 5)):
+    np.testing.assert_array_equal(relative_position_index(grid),
+                                  beit_lib.gen_relative_position_index(grid).numpy())
+
+
+@pytest.mark.parametrize("visible", [False, True])
+def test_rel_pos_bias_and_layer_scale_blocks_match_timm_beit(timm_beit, visible):
+  """Every block of the BEiT student against timm's Beit blocks on the same weights (float32)."""
+  images = _images(4)
+  ids_keep = None
+  if visible:  # the visible-token path gathers the bias rows and columns of the kept patches
+    mask = masking.random_mask(jax.random.PRNGKey(3), 3, GRID, 0.75)
+    ids_keep, _ = masking.visible_and_masked_ids(mask, GRID[0] * GRID[1] // 4)
+  sd = {k: v.detach().numpy() for k, v in timm_beit.state_dict().items()}
+  params = timm_weights.encoder_params_from_beit(sd, DEPTH)
+  out = _beit_encoder(feature_blocks=(1, 2, 3, 4), feature_norm="final").apply(
+      {"params": params}, jnp.asarray(images), ids_keep)
+  want = _timm_beit_blocks(timm_beit, images, ids_keep)
+  diffs = [float(np.max(np.abs(np.asarray(out["hidden"][:, k]) - want[k]))) for k in range(DEPTH)]
+  assert max(diffs) < 1e-4, diffs
+  # The materialised softmax (attention analysis) sees the same bias.
+  captured = _beit_encoder(feature_blocks=(DEPTH,), capture_attention=True).apply(
+      {"params": params}, jnp.asarray(images), ids_keep)
+  assert np.max(np.abs(np.asarray(captured["hidden"][:, 0]) - want[-1])) < 1e-4
+
+
+def test_beit_options_are_off_by_default_and_start_as_beit():
+  images = jnp.zeros((1, SIZE, SIZE, 3))
+  plain = ViTEncoder(patch_size=PATCH, width=WIDTH, depth=DEPTH, num_heads=HEADS)
+  keys = set(plain.init(jax.random.PRNGKey(0), images)["params"]["block_0"])
+  assert keys == {"norm1", "attn", "norm2", "mlp"}
+  params = _beit_encoder(feature_blocks=(DEPTH,)).init(jax.random.PRNGKey(0), images)["params"]
+  assert "pos_embed" not in params
+  table = params["rel_pos_bias"]["relative_position_bias_table"]
+  assert table.shape == ((2 * GRID[0] - 1) * (2 * GRID[1] - 1) + 3, HEADS) and not table.any()
+  np.testing.assert_array_equal(params["block_3"]["gamma_2"], np.full(WIDTH, 0.1, np.float32))

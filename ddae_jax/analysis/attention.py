@@ -89,6 +89,8 @@ def analysis_encoder(config, encoder_params: dict) -> ViTEncoder:
   # Supervised blocks only add unused feature norms to the output: ask for
   # the last block alone; the extra feature_norm_* parameters are ignored.
   pos_embed = "learned" if "pos_embed" in encoder_params else "sincos"
+  if config.model.get("pos_embed") == "none":  # BEiT's student: relative positions only
+    pos_embed = "none"
   encoder = make_encoder(config, pos_embed)
   return encoder.clone(feature_blocks=(encoder.depth,), dtype=jnp.float32, remat=False,
                        attention_impl=None, capture_attention=True)

@@ -1,4 +1,5 @@
-"""Host-side image decoding and the pretraining augmentation (random-resized crop, flip).
+"""Host-side image decoding and the pretraining augmentation (random-resized crop, flip,
+and BEiT's colour jitter).
 
 Runs in NumPy and PIL, which release the GIL while decoding and resizing, so a
 thread pool scales over the host's cores; no tensorflow is needed.
@@ -10,7 +11,7 @@ import io
 import math
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageEnhance
 
 
 class UndecodableImage(ValueError):
@@ -60,11 +61,34 @@ def random_resized_crop_box(rng: np.random.Generator, width: int, height: int,
   return left, top, left + w, top + h
 
 
+# torchvision's ColorJitter on PIL images: these enhancers, in a random order.
+_JITTERS = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
+
+
+def color_jitter(img: Image.Image, rng: np.random.Generator, strength: float) -> Image.Image:
+  """torchvision's ColorJitter(strength, strength, strength) (no hue), as BEiT pretrains.
+
+  Brightness, contrast and saturation factors are drawn from
+  U[1 - strength, 1 + strength] and applied in a random order, each through
+  PIL's enhancer (what torchvision calls for PIL images).
+  """
+  factors = rng.uniform(max(0.0, 1 - strength), 1 + strength, size=3)
+  for i in rng.permutation(3):
+    img = _JITTERS[i](img).enhance(float(factors[i]))
+  return img
+
+
 def pretrain_view(image, rng: np.random.Generator, size: int, scale=(0.2, 1.0),
-                  flip: bool = True) -> np.ndarray:
-  """Random-resized crop to size x size (bicubic) and a horizontal flip. -> uint8[size, size, 3]."""
+                  flip: bool = True, jitter: float = 0.0) -> np.ndarray:
+  """Random-resized crop to size x size (bicubic) and a horizontal flip. -> uint8[size, size, 3].
+
+  jitter > 0 first applies `color_jitter` to the whole image (BEiT's order:
+  jitter, then crop); 0 draws nothing, so the crops are those of a run without it.
+  """
   img = decode(image)
   box = random_resized_crop_box(rng, img.width, img.height, scale)
+  if jitter > 0:
+    img = color_jitter(img, rng, jitter)
   img = img.resize((size, size), Image.BICUBIC, box=box)
   out = np.asarray(img, dtype=np.uint8)
   if flip and rng.random() < 0.5:

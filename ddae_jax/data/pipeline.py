@@ -34,10 +34,11 @@ class TrainLoader:
 
   def __init__(self, source, sharding, local_batch: int, image_size: int, seed: int,
                start: int = 0, scale=(0.2, 1.0), flip: bool = True, workers: int = 8,
-               prefetch: int = 2, view=None, labels: bool = False):
+               prefetch: int = 2, view=None, labels: bool = False, color_jitter: float = 0.0):
     self.view, self.labels = view, labels
     self.sharding, self.local_batch, self.size = sharding, local_batch, image_size
     self.seed, self.scale, self.flip = seed, tuple(scale), flip
+    self.color_jitter = color_jitter  # BEiT's ColorJitter strength; 0 = none
     self.position, self.skipped = start, 0
     self._cursor = start  # the producer's position, ahead of `position` by the queue
     self._records = source.records(start)
@@ -52,7 +53,8 @@ class TrainLoader:
     rng = np.random.default_rng([self.seed, *key])
     try:
       if self.view is None:
-        out = {"image": augment.pretrain_view(image, rng, self.size, self.scale, self.flip)}
+        out = {"image": augment.pretrain_view(image, rng, self.size, self.scale, self.flip,
+                                              self.color_jitter)}
       else:
         out = self.view(image, rng)
       if self.labels:
