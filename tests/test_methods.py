@@ -40,6 +40,8 @@ def tiny_version(config_arg: str):
     c.cls_pt.early_block = 3
   c.batch_size, c.num_train_images, c.epochs = 8, 8, 100.0
   c.optim.base_lr, c.optim.warmup_epochs, c.optim.grad_clip_norm = 1e-3 * 256 / 8, 0.0, 0.0
+  # A 100-step toy: a linear momentum ramp (BootMAE's spans 400 epochs).
+  c.ema.schedule = "linear"
   c.ema.momentum_start, c.ema.momentum_end, c.ema.ramp_epochs = 0.99, 0.999, 5.0
   return c
 
@@ -249,7 +251,7 @@ def _layer_norm(x, p):
 @pytest.mark.parametrize("variant", ["", "dds_beitv2"])
 def test_beitv2_loss_is_masked_cross_entropy_by_hand(variant):
   """BEiT-v2: mean CE over masked patches, plus the class-token head's (its patch tokens
-  through the shared norm and head); DDS: sum_i lambda_i mean_b sum_m w CE / M + reg + the same."""
+  through the shared norm and head); DDS: sum_i lambda_i mean_b sum_m w CE / sum_m w + reg + the same."""
   c = tiny_version("configs/beitv2_vitb.py" + (":" + variant if variant else ""))
   c.tokenizer.vocab_size = 16
   model = ts.make_model(c)
@@ -283,7 +285,9 @@ def test_beitv2_loss_is_masked_cross_entropy_by_hand(variant):
         h = np.where(m[b], np.exp(np.where(m[b], dist[b], 1.0) ** beta), 0.0)
         h /= h.sum()
         w, reg = h / h.max(), reg + np.sqrt((h ** 2).sum()) / 3
-      want += lambdas[k] * (w * ce)[m[b]].sum() / m[b].sum() / 3
+      # The config's normaliser: the weights' sum (default) or the masked count.
+      denom = w[m[b]].sum() if c.dds.normalizer == "weight_sum" else m[b].sum()
+      want += lambdas[k] * (w * ce)[m[b]].sum() / denom / 3
   want += c.dds.reg_weight * reg + cls_ce  # BEiT-v2 adds the two CEs with weight 1
   np.testing.assert_allclose(float(loss), want, rtol=1e-5)
   if not variant:  # plain BEiT-v2: exactly the mean CE over all masked positions
