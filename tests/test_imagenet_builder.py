@@ -35,8 +35,9 @@ def imagenet(tmp_path_factory):
 def _step_overrides(steps: int, num_train: int) -> list[str]:
   """Overrides that stop the smoke run after `steps` steps.
 
-  The smoke variant may count steps (config.num_steps) or epochs; either way
-  no warm-up, so the learning rate is not zero for the few steps taken.
+  The smoke variant may count steps (config.num_steps) or epochs. No warm-up
+  either way: an epoch of warm-up is longer than the run (a config error)
+  and would keep the learning rate near zero for the few steps taken.
   """
   config = runpy.run_path(os.path.join(tu.REPO, "configs/vitb.py"))["get_config"]("smoke")
   if "num_steps" in config:
