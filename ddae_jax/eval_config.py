@@ -81,6 +81,7 @@ def _common(protocol: str, size: str) -> ml_collections.ConfigDict:
 def _training(c, epochs, warmup):
   c.epochs = epochs
   c.log_every_steps = 100
+  c.steps_in_flight = 2           # steps dispatched ahead of the devices (see config_lib)
   c.eval_every_epochs = 10.0
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3

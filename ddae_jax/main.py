@@ -49,6 +49,7 @@ def main(argv):
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir, FLAGS.init_dir)
   except (DatasetMissing, config_lib.ConfigError, checkpoints.CheckpointMissing,
+          checkpoints.CheckpointDamaged,
           train.NonFiniteLoss) as err:
     # The user's setup, not a bug: the message is the whole story.
     raise SystemExit(f"error: {err}") from None

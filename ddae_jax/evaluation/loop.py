@@ -15,7 +15,8 @@ import time
 import jax
 from etils import epath
 
-from ddae_jax import checkpoints, config_lib, eval_config, metrics, sharding, train
+from ddae_jax import (checkpoints, config_lib, eval_config, metrics, run_control, sharding,
+                      train)
 from ddae_jax.data import pipeline, sources
 from ddae_jax.evaluation import common, input_pipeline
 
@@ -89,8 +90,9 @@ def fit(config, workdir, state, state_shardings, step_fn, evaluate_fn, make_load
   writer = metrics.create_writer(str(workdir))
   if step == 0:
     writer.write_hparams(config.to_dict())
-  progress = train._progress_action(total_steps, writer)
-  preemption = train._Preemption()
+  progress = run_control.progress_action(total_steps, writer)
+  preemption = run_control.Preemption()
+  in_flight = run_control.StepsInFlight(config.steps_in_flight, step)
   results = {}
   logging.info("%s: steps %d..%d, %d images per step", config.protocol, step, total_steps,
                config.batch_size)
@@ -99,8 +101,8 @@ def fit(config, workdir, state, state_shardings, step_fn, evaluate_fn, make_load
     while step < total_steps:
       state, step_metrics = step_fn(state, next(loader))
       step += 1
-      if progress is not None:
-        progress(step)
+      if in_flight.push(step, step_metrics) and progress is not None:
+        progress(in_flight.completed)  # steps the devices finished, not dispatched ones
       stop = preemption.requested or ckpt.preempted(step)
       done = step == total_steps
       if step % config.log_every_steps == 0 or done or stop:
