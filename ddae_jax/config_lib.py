@@ -123,6 +123,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.workers = 16              # host decode threads per process
   c.data.prefetch = 2              # batches prepared ahead
   c.data.synthetic_size = 1024     # images of the synthetic source
+  # Undecodable images in a row after which the data is taken to be unreadable
+  # (a wrong folder, a broken download): the run stops naming it.
+  c.data.max_consecutive_failures = 100
 
   c.log_every_steps = 100
   c.checkpoint_every_steps = 1000
@@ -350,6 +353,9 @@ def validate(config, num_devices: int | None = None) -> None:
                 "steps_in_flight"):
     if config[field] < 1:
       _fail(field, config[field], "an integer >= 1")
+  if config.data.max_consecutive_failures < 1:
+    _fail("data.max_consecutive_failures", config.data.max_consecutive_failures,
+          "an integer >= 1")
   check_patch_grid(config.model)
   if not 0.0 < config.masking.ratio < 1.0:
     _fail("masking.ratio", config.masking.ratio, "a value in the open interval (0, 1)")

@@ -64,6 +64,7 @@ def _common(protocol: str, size: str) -> ml_collections.ConfigDict:
   c.data.workers = 16
   c.data.prefetch = 2
   c.data.synthetic_size = 1024
+  c.data.max_consecutive_failures = 100  # undecodable images in a row: stop, naming the data
   c.data.crop_ratio = 0.875  # evaluation: resize to size / ratio, centre crop
   c.data.crop_scale = (0.08, 1.0)
   c.data.flip = True

@@ -88,7 +88,8 @@ def _train(config, workdir, init_dir, devices, ckpt) -> dict:
   loader = pipeline.TrainLoader(
       source, sharding.batch_sharding(mesh), local_batch, config.model.image_size,
       config.seed, start=position, scale=config.data.crop_scale, flip=config.data.flip,
-      workers=config.data.workers, prefetch=config.data.prefetch)
+      workers=config.data.workers, prefetch=config.data.prefetch,
+      max_failures=config.data.max_consecutive_failures)
 
   # ------------------------------------------------------------------ metrics
   writer = metrics.create_writer(str(workdir))

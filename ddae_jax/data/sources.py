@@ -1,7 +1,8 @@
 """Where training images come from: TFDS datasets, image folders, embedded data.
 
 A source yields this process's share of an endless, deterministic stream of
-(record number, augmentation key, raw image, label) records, starting at a given record count, so a resumed run
+(record number, augmentation key, raw image, label, name) records, starting at
+a given record count, so a resumed run
 continues exactly where the checkpoint left off. Raw images are encoded bytes
 (TFDS, folders) or uint8 arrays (embedded data); `augment.decode` reads both.
 
@@ -36,6 +37,10 @@ class DatasetMissing(FileNotFoundError):
   """The configured dataset is not on disk; the message says how to get it."""
 
 
+class InputUnreadable(RuntimeError):
+  """Too many images in a row could not be decoded; the message names the data."""
+
+
 class ArraySource:
   """Images held in memory, shuffled per epoch; global batch order is fixed.
 
@@ -48,6 +53,7 @@ class ArraySource:
                process_index: int = 0, process_count: int = 1):
     self.images, self.labels = images, labels
     self.num_examples = len(images)
+    self.description = f"{len(images)} in-memory images"
     self.seed, self.local_batch = seed, local_batch
     self.process_index, self.process_count = process_index, process_count
 
@@ -55,8 +61,8 @@ class ArraySource:
     step, offset = divmod(record, self.local_batch)
     return (step * self.process_count + self.process_index) * self.local_batch + offset
 
-  def records(self, start: int) -> Iterator[tuple[int, tuple, np.ndarray, int]]:
-    """(record number, key, image, label) for this process from record `start` on.
+  def records(self, start: int) -> Iterator[tuple[int, tuple, np.ndarray, int, str]]:
+    """(record number, key, image, label, name) for this process from record `start` on.
 
     The key, which seeds the record's augmentation, is its global stream
     position, so crops do not depend on the number of processes either.
@@ -70,7 +76,7 @@ class ArraySource:
         perms = {epoch: np.random.default_rng([self.seed, epoch]).permutation(
             self.num_examples)}
       j = perms[epoch][i]
-      yield record, (position,), self.images[j], int(self.labels[j])
+      yield record, (position,), self.images[j], int(self.labels[j]), f"image {j}"
       record += 1
 
 
@@ -119,6 +125,9 @@ class TfdsSource:
     self.process_index = process_index
     self.builder, self.seed, self.shuffle_buffer = builder, seed, shuffle_buffer
     self.num_examples = builder.info.splits[split].num_examples
+    self.description = (f"image folder {builder.data_dir}, split {split!r}"
+                        if isinstance(builder, tfds.folder_dataset.ImageFolder)
+                        else f"TFDS {builder.info.name} in {builder.data_dir}, split {split!r}")
     # ImageFolder knows no sub-splits: shard its records instead.
     self.shard = None
     if isinstance(builder, tfds.folder_dataset.ImageFolder):
@@ -130,7 +139,9 @@ class TfdsSource:
   def records(self, start: int):
     import tensorflow as tf
     import tensorflow_datasets as tfds
-    read_config = tfds.ReadConfig(shuffle_seed=self.seed, try_autocache=False)
+    # tfds_id names the record in skip warnings (ImageFolder gives file names).
+    read_config = tfds.ReadConfig(shuffle_seed=self.seed, try_autocache=False,
+                                  add_tfds_id=True)
     ds = self.builder.as_dataset(split=self.split, shuffle_files=True, read_config=read_config,
                                  decoders={"image": tfds.decode.SkipDecoding()})
     if self.shard is not None:
@@ -141,7 +152,14 @@ class TfdsSource:
     options.deterministic = True
     ds = ds.with_options(options)
     for record, example in enumerate(ds.as_numpy_iterator(), start):
-      yield record, (self.process_index, record), example["image"], int(example.get("label", -1))
+      name = next((example[k] for k in ("image/filename", "file_name", "tfds_id")
+                   if k in example), b"?")
+      yield (record, (self.process_index, record), example["image"],
+             int(example.get("label", -1)), _text(name))
+
+
+def _text(name) -> str:
+  return name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
 
 
 def tfds_builder(name: str, data_dir: str | None):
@@ -155,13 +173,53 @@ def tfds_builder(name: str, data_dir: str | None):
   return builder
 
 
-def image_folder_builder(folder: str):
-  """TFDS ImageFolder over folder/<split>/<class>/<image>."""
-  import tensorflow_datasets as tfds
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def _describe_folder(path: str, limit: int = 6) -> str:
+  """What a folder holds, for layout errors: 'cat/ (6 images), notes.txt, ...'."""
+  entries = sorted(os.listdir(path))
+  shown = []
+  for name in entries[:limit]:
+    full = os.path.join(path, name)
+    if os.path.isdir(full):
+      images = sum(f.lower().endswith(IMAGE_EXTENSIONS) for f in os.listdir(full))
+      shown.append(f"{name}/ ({images} images)")
+    else:
+      shown.append(name)
+  more = f", ... ({len(entries)} entries)" if len(entries) > limit else ""
+  return (", ".join(shown) + more) if entries else "nothing"
+
+
+def check_image_folder(folder: str, split: str) -> None:
+  """Raises DatasetMissing, saying what was expected and found, unless
+  folder/<split>/<class>/<image> holds at least one image."""
+  layout = (f"an image folder needs <folder>/{split}/<class name>/<image file> "
+            f"(e.g. {split}/cat/001.jpg)")
   if not folder or not os.path.isdir(folder):
-    raise DatasetMissing(
-        f"config.data.folder = {folder!r} is not a directory: an image folder needs "
-        "<folder>/<split>/<class name>/<image file> (e.g. train/cat/001.jpg)")
+    raise DatasetMissing(f"config.data.folder = {folder!r} is not a directory: {layout}")
+  split_dir = os.path.join(folder, split)
+  if not os.path.isdir(split_dir):
+    found = _describe_folder(folder)
+    hint = ""
+    if any(f.lower().endswith(IMAGE_EXTENSIONS) for d in os.listdir(folder)
+           if os.path.isdir(os.path.join(folder, d)) for f in os.listdir(os.path.join(folder, d))):
+      hint = (f"\nIts subfolders hold images directly, so it looks like the {split!r} folder "
+              f"itself: use --config.data.folder={os.path.dirname(os.path.abspath(folder))}")
+    raise DatasetMissing(f"config.data.folder = {folder!r} has no {split!r} folder: {layout}."
+                         f"\nFound: {found}{hint}")
+  classes = [d for d in sorted(os.listdir(split_dir))
+             if os.path.isdir(os.path.join(split_dir, d))]
+  if not any(f.lower().endswith(IMAGE_EXTENSIONS) for c in classes
+             for f in os.listdir(os.path.join(split_dir, c))):
+    raise DatasetMissing(f"{split_dir} has no <class name>/<image file> inside: {layout}."
+                         f"\nFound in {split_dir}: {_describe_folder(split_dir)}")
+
+
+def image_folder_builder(folder: str, split: str = "train"):
+  """TFDS ImageFolder over folder/<split>/<class>/<image>, its layout checked first."""
+  import tensorflow_datasets as tfds
+  check_image_folder(folder, split)
   return tfds.folder_dataset.ImageFolder(folder)
 
 
@@ -179,7 +237,7 @@ def make_source(data_config, image_size: int, seed: int, local_batch: int,
   if kind == "tfds":
     builder = tfds_builder(data_config.name, data_config.data_dir)
   elif kind == "image_folder":
-    builder = image_folder_builder(data_config.folder)
+    builder = image_folder_builder(data_config.folder, split)
   else:
     raise ValueError(f"config.data.source = {kind!r}: allowed one of {SOURCES}")
   return TfdsSource(builder, split, seed, data_config.shuffle_buffer, process_index,

@@ -54,7 +54,8 @@ def run(config, workdir, build, view) -> dict:
   def make_loader(position):
     return pipeline.TrainLoader(
         source, batch_spec, local_batch, config.model.image_size, config.seed, start=position,
-        workers=config.data.workers, prefetch=config.data.prefetch, view=view(config),
+        workers=config.data.workers, prefetch=config.data.prefetch,
+        max_failures=config.data.max_consecutive_failures, view=view(config),
         labels=True)
 
   return fit(config, workdir, built["state"], built["shardings"], built["step"], evaluate,
