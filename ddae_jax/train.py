@@ -57,11 +57,12 @@ def _train(config, workdir, init_dir, devices, ckpt) -> dict:
   with config.unlocked():
     config.num_train_images = source.num_examples  # epochs count this dataset's images
   total_steps = config_lib.total_steps(config)
-  built = ts.build(config, devices)
-  state, step_fn, mesh = built["state"], built["step"], built["mesh"]
+  # Resuming restores into the abstract state: no fresh state is made beside it.
+  built = ts.build(config, devices, materialize=resume is None)
+  state, step_fn, mesh, abstract = built["state"], built["step"], built["mesh"], built["abstract"]
+  del built  # `state` is the one reference to the state (the step donates it)
 
   # ------------------------------------------------------------------ state
-  abstract = checkpoints.abstract_like(state, built["shardings"])
   position = None
   if resume is not None:
     # The newest step that restores; damaged newer ones of this workdir are
@@ -75,9 +76,8 @@ def _train(config, workdir, init_dir, devices, ckpt) -> dict:
     finally:
       if resume is not ckpt:
         resume.close()
-    if restored is not None:
-      state, position, step = restored
-      logging.info("Resumed from %s, step %d", resume.directory, step)
+    state, position, step = restored  # not None: `resume` has steps
+    logging.info("Resumed from %s, step %d", resume.directory, step)
   # Evaluation, analysis and export read the model back from here; written
   # only once the state it describes is in place.
   pretrained.save_config(workdir, config)

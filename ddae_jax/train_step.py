@@ -44,18 +44,26 @@ def init_state(model: DDAE | BEiTv2, tx: optax.GradientTransformation,
   return state
 
 
-def create_train_state(config, model: DDAE, tx, mesh):
+def create_train_state(config, model: DDAE, tx, mesh, materialize: bool = True):
   """Initialises the state directly on the devices, sharded by the rules.
 
+  Args:
+    materialize: False computes only shapes and shardings (a run about to
+      restore a checkpoint: a fresh state beside the restored one would double
+      the device memory).
+
   Returns:
-    (state, shardings): the state and the NamedSharding tree that lays it out.
+    (state or None, shardings, abstract): the state, the NamedSharding tree
+    that lays it out, and ShapeDtypeStructs with those shardings.
   """
   rng = jax.random.PRNGKey(config.seed)
   init = functools.partial(init_state, model, tx)
-  abstract = jax.eval_shape(init, rng)
-  shardings = sharding.state_shardings(abstract, mesh, config.sharding.rules)
-  state = jax.jit(init, out_shardings=shardings)(rng)
-  return state, shardings
+  shapes = jax.eval_shape(init, rng)
+  shardings = sharding.state_shardings(shapes, mesh, config.sharding.rules)
+  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          shapes, shardings)
+  state = jax.jit(init, out_shardings=shardings)(rng) if materialize else None
+  return state, shardings, abstract
 
 
 def _global_norm(tree) -> jax.Array:
@@ -117,11 +125,16 @@ def make_train_step(model: DDAE, tx, mesh, state_shardings):
                  donate_argnums=0)
 
 
-def build(config, devices=None):
+def build(config, devices=None, materialize: bool = True):
   """Validates the config, then makes the mesh, model, optimizer, state and step.
 
+  Args:
+    materialize: False leaves "state" None (and the tokenizer file unread):
+      the caller restores a checkpoint into "abstract" instead.
+
   Returns:
-    dict with mesh, model, tx, state, shardings, step (the jitted train step).
+    dict with mesh, model, tx, state, shardings, abstract (the state's
+    ShapeDtypeStructs with shardings), step (the jitted train step).
   """
   devices = list(jax.devices() if devices is None else devices)
   config_lib.validate(config, num_devices=len(devices))
@@ -129,12 +142,12 @@ def build(config, devices=None):
   model = make_model(config)
   tx = optim.make_optimizer(config)
   loaded = None
-  if config.method == "beitv2" and not config.tokenizer.random_weights:
+  if materialize and config.method == "beitv2" and not config.tokenizer.random_weights:
     loaded = model.load_tokenizer()  # read and checked before any compute
-  state, shardings = create_train_state(config, model, tx, mesh)
+  state, shardings, abstract = create_train_state(config, model, tx, mesh, materialize)
   if loaded is not None:
     host_tokenizer_matches(loaded, state["tokenizer"])
     state["tokenizer"] = jax.device_put(loaded, shardings["tokenizer"])
   step = make_train_step(model, tx, mesh, shardings)
   return {"mesh": mesh, "model": model, "tx": tx, "state": state,
-          "shardings": shardings, "step": step}
+          "shardings": shardings, "abstract": abstract, "step": step}

@@ -298,3 +298,41 @@ def test_trainer_on_an_undecodable_folder_stops_with_one_message(tmp_path):
   assert proc.returncode != 0 and "images in a row could not be decoded" in proc.stdout
   assert "Traceback" not in proc.stdout
   assert proc.stdout.count("Skipping undecodable image") <= 100 + 16
+
+
+# ------------------------------------------------------------- issue 14.2
+@pytest.mark.slow  # compiles and restores a state on 8 devices
+def test_resume_restores_into_the_abstract_state_without_a_fresh_one(tmp_path, monkeypatch):
+  from ddae_jax import train_step as ts
+  workdir = str(tmp_path / "run")
+  config = _epochs(2.0)  # 32 steps: the checkpoint below is the end, so no step runs
+  built = ts.build(config)
+  state = dict(built["state"], step=jnp.asarray(32, jnp.int32))
+  state_bytes = sum(x.nbytes for x in jax.tree.leaves(built["state"]))
+  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), 1, 3, use_async=False)
+  ckpt.save(32, state, data_position=512, force=True)
+  ckpt.close()
+  pretrained.save_config(workdir, config)
+  del built, state
+
+  traced, live_after_restore = [], []
+  init_state = ts.init_state
+  monkeypatch.setattr(ts, "init_state", lambda *a: traced.append(1) or init_state(*a))
+  restore = checkpoints.Checkpointer.restore
+
+  def restore_and_measure(self, step, abstract_state):
+    out = restore(self, step, abstract_state)
+    live_after_restore.append(sum(a.nbytes for a in jax.live_arrays()))
+    return out
+  monkeypatch.setattr(checkpoints.Checkpointer, "restore", restore_and_measure)
+  baseline = sum(a.nbytes for a in jax.live_arrays())
+  train.train_and_evaluate(_epochs(2.0), workdir)
+  assert len(traced) == 1  # traced once for shapes (eval_shape); never jitted and run
+  assert live_after_restore[0] - baseline <= 1.1 * state_bytes, (live_after_restore, baseline,
+                                                                  state_bytes)
+
+
+def _epochs(epochs):
+  config = config_lib.tiny_config()
+  config.epochs = epochs
+  return config
