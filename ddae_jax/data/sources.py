@@ -12,6 +12,7 @@ synthetic data work where tensorflow is absent.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Iterator
 
@@ -114,9 +115,11 @@ def synthetic(num: int, size: int, seed: int = 0):
 class TfdsSource:
   """A TFDS split (or an ImageFolder) read as raw bytes, this process's shard only.
 
-  Order: files shuffled and records shuffled with fixed seeds, then repeated,
-  so the stream is deterministic; a resumed run skips the records it had read
-  (reading, not decoding, them).
+  Order: epoch e reads the shard with its files and records shuffled by seeds
+  derived from (seed, e), so every epoch is a fixed permutation of its own. A
+  resumed run opens the epoch it stopped in and skips (reads, not decodes)
+  only the records of that epoch it had consumed: resuming costs at most one
+  epoch of the shard, however far the run got.
   """
 
   def __init__(self, builder, split: str, seed: int, shuffle_buffer: int,
@@ -125,37 +128,54 @@ class TfdsSource:
     self.process_index = process_index
     self.builder, self.seed, self.shuffle_buffer = builder, seed, shuffle_buffer
     self.num_examples = builder.info.splits[split].num_examples
-    self.description = (f"image folder {builder.data_dir}, split {split!r}"
-                        if isinstance(builder, tfds.folder_dataset.ImageFolder)
+    folder = isinstance(builder, tfds.folder_dataset.ImageFolder)
+    self.description = (f"image folder {builder.data_dir}, split {split!r}" if folder
                         else f"TFDS {builder.info.name} in {builder.data_dir}, split {split!r}")
     # ImageFolder knows no sub-splits: shard its records instead.
     self.shard = None
-    if isinstance(builder, tfds.folder_dataset.ImageFolder):
+    if folder:
       self.split, self.shard = split, (process_count, process_index)
+      self.epoch_size = len(range(process_index, self.num_examples, process_count))
     else:
       self.split = tfds.split_for_jax_process(split, process_index=process_index,
                                               process_count=process_count)
+      self.epoch_size = builder.info.splits[self.split].num_examples
 
-  def records(self, start: int):
+  def _epoch(self, epoch: int):
+    """tf.data.Dataset of this process's shard in epoch `epoch`'s order."""
     import tensorflow as tf
     import tensorflow_datasets as tfds
+    seed = int(np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0] >> 1)
     # tfds_id names the record in skip warnings (ImageFolder gives file names).
-    read_config = tfds.ReadConfig(shuffle_seed=self.seed, try_autocache=False,
-                                  add_tfds_id=True)
-    ds = self.builder.as_dataset(split=self.split, shuffle_files=True, read_config=read_config,
+    read_config = tfds.ReadConfig(shuffle_seed=seed, try_autocache=False, add_tfds_id=True)
+    # ImageFolder's own file shuffle takes no seed; the seeded shuffle below orders it.
+    ds = self.builder.as_dataset(split=self.split, shuffle_files=self.shard is None,
+                                 read_config=read_config,
                                  decoders={"image": tfds.decode.SkipDecoding()})
     if self.shard is not None:
       ds = ds.shard(*self.shard)
-    ds = ds.shuffle(self.shuffle_buffer, seed=self.seed, reshuffle_each_iteration=True)
-    ds = ds.repeat().skip(start).prefetch(tf.data.AUTOTUNE)
+    ds = ds.shuffle(self.shuffle_buffer, seed=seed, reshuffle_each_iteration=False)
     options = tf.data.Options()
     options.deterministic = True
-    ds = ds.with_options(options)
-    for record, example in enumerate(ds.as_numpy_iterator(), start):
-      name = next((example[k] for k in ("image/filename", "file_name", "tfds_id")
-                   if k in example), b"?")
-      yield (record, (self.process_index, record), example["image"],
-             int(example.get("label", -1)), _text(name))
+    return ds.with_options(options)
+
+  def records(self, start: int):
+    """(record number, key, raw image, label, name) of this process from record `start` on."""
+    import tensorflow as tf
+    epoch, offset = divmod(start, self.epoch_size)
+    if offset:
+      logging.info("Input resumes in epoch %d: reading past %d of the shard's %d records.",
+                   epoch, offset, self.epoch_size)
+    record = start
+    while True:
+      ds = self._epoch(epoch).skip(offset).prefetch(tf.data.AUTOTUNE)
+      for example in ds.as_numpy_iterator():
+        name = next((example[k] for k in ("image/filename", "file_name", "tfds_id")
+                     if k in example), b"?")
+        yield (record, (self.process_index, record), example["image"],
+               int(example.get("label", -1)), _text(name))
+        record += 1
+      epoch, offset = epoch + 1, 0
 
 
 def _text(name) -> str:
