@@ -105,7 +105,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.batch_size = 4096
   c.epochs = 100.0
-  c.num_train_images = IMAGENET_TRAIN_IMAGES  # replaced by the dataset's size at run time
+  # The train set's size when none is given; the trainer passes the dataset's
+  # own size to the step arithmetic (and records it in workdir/run.json).
+  c.num_train_images = IMAGENET_TRAIN_IMAGES
   # > 0: train exactly this many steps whatever the epochs and the dataset's size
   # (smoke runs); schedules still count epochs.
   c.num_steps = 0
@@ -273,14 +275,18 @@ def beta_init(config) -> np.ndarray:
   return np.broadcast_to(init, (k,)).copy() if init.size == 1 else init
 
 
-def total_steps(config) -> int:
+def total_steps(config, num_images: int | None = None) -> int:
+  """Steps of the run: config.epochs over `num_images` (the dataset's size;
+  None: config.num_train_images), or config.num_steps when set."""
   if config.get("num_steps", 0) > 0:
     return int(config.num_steps)
-  return max(1, int(round(config.epochs * config.num_train_images / config.batch_size)))
+  return max(1, epochs_to_steps(config, config.epochs, num_images))
 
 
-def epochs_to_steps(config, epochs: float) -> int:
-  return int(round(epochs * config.num_train_images / config.batch_size))
+def epochs_to_steps(config, epochs: float, num_images: int | None = None) -> int:
+  """Steps of `epochs` passes over `num_images` (None: config.num_train_images)."""
+  num_images = config.num_train_images if num_images is None else num_images
+  return int(round(epochs * num_images / config.batch_size))
 
 
 def learning_rate(config) -> float:

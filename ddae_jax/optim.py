@@ -32,19 +32,22 @@ def param_labels(params):
   return jax.tree_util.tree_map_with_path(label, params)
 
 
-def lr_schedule(config) -> optax.Schedule:
-  """Linear warm-up to base_lr * batch / 256, then cosine decay to min_lr."""
+def lr_schedule(config, num_images: int | None = None) -> optax.Schedule:
+  """Linear warm-up to base_lr * batch / 256, then cosine decay to min_lr.
+
+  Epochs are passes over `num_images` (None: config.num_train_images).
+  """
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0,
       peak_value=config_lib.learning_rate(config),
-      warmup_steps=config_lib.epochs_to_steps(config, config.optim.warmup_epochs),
-      decay_steps=config_lib.total_steps(config),
+      warmup_steps=config_lib.epochs_to_steps(config, config.optim.warmup_epochs, num_images),
+      decay_steps=config_lib.total_steps(config, num_images),
       end_value=config.optim.min_lr)
 
 
-def make_optimizer(config) -> optax.GradientTransformation:
+def make_optimizer(config, num_images: int | None = None) -> optax.GradientTransformation:
   o = config.optim
-  schedule = lr_schedule(config)
+  schedule = lr_schedule(config, num_images)
   adamw = lambda wd: optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=1e-8, weight_decay=wd)
   if config.dds.beta_learnable:
     beta_opt = optax.adam(lambda step: schedule(step) * o.beta_lr_scale, b1=o.b1, b2=o.b2)
@@ -58,10 +61,10 @@ def make_optimizer(config) -> optax.GradientTransformation:
   return tx
 
 
-def ema_momentum(config, step: jax.Array) -> jax.Array:
+def ema_momentum(config, step: jax.Array, num_images: int | None = None) -> jax.Array:
   """m of eq. 4 at `step`: linear from momentum_start to momentum_end over ramp_epochs."""
   e = config.ema
-  ramp = config_lib.epochs_to_steps(config, e.ramp_epochs)
+  ramp = config_lib.epochs_to_steps(config, e.ramp_epochs, num_images)
   frac = jnp.clip(step / max(ramp, 1), 0.0, 1.0) if ramp > 0 else 1.0
   return e.momentum_start + (e.momentum_end - e.momentum_start) * frac
 

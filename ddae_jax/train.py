@@ -7,6 +7,7 @@ state, to continue another run in a new workdir), else fresh.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -54,11 +55,11 @@ def _train(config, workdir, init_dir, devices, ckpt) -> dict:
   # ------------------------------------------------------------------ input
   source = sources.make_source(config.data, config.model.image_size, config.seed, local_batch,
                                jax.process_index(), jax.process_count())
-  with config.unlocked():
-    config.num_train_images = source.num_examples  # epochs count this dataset's images
-  total_steps = config_lib.total_steps(config)
+  # Epochs count this dataset's images; the config stays as given.
+  num_images = source.num_examples
+  total_steps = config_lib.total_steps(config, num_images)
   # Resuming restores into the abstract state: no fresh state is made beside it.
-  built = ts.build(config, devices, materialize=resume is None)
+  built = ts.build(config, devices, materialize=resume is None, num_train_images=num_images)
   state, step_fn, mesh, abstract = built["state"], built["step"], built["mesh"], built["abstract"]
   del built  # `state` is the one reference to the state (the step donates it)
 
@@ -81,6 +82,8 @@ def _train(config, workdir, init_dir, devices, ckpt) -> dict:
   # Evaluation, analysis and export read the model back from here; written
   # only once the state it describes is in place.
   pretrained.save_config(workdir, config)
+  _save_run_record(workdir, num_train_images=num_images, total_steps=total_steps,
+                   data=source.description)
   start_step = int(state["step"])
   if position is None:
     position = start_step * local_batch
@@ -126,7 +129,7 @@ def _train(config, workdir, init_dir, devices, ckpt) -> dict:
         now = time.perf_counter()
         images_per_s = (step - tick_step) * config.batch_size / max(now - tick, 1e-9)
         values.update(images_per_second=images_per_s, skipped_images=loader.skipped,
-                      epoch=step * config.batch_size / config.num_train_images)
+                      epoch=step * config.batch_size / num_images)
         if peak:
           values["mfu"] = images_per_s * flops_per_image / (peak * 1e12 * len(devices))
         writer.write_scalars(step, values)
@@ -142,6 +145,12 @@ def _train(config, workdir, init_dir, devices, ckpt) -> dict:
     loader.close()
     writer.close()
   return last
+
+
+def _save_run_record(workdir, **values):
+  """workdir/run.json: what the run derived at run time (the dataset's size, its steps)."""
+  if jax.process_index() == 0:
+    (workdir / "run.json").write_text(json.dumps(values, indent=2, sort_keys=True))
 
 
 def _resume_source(ckpt, workdir, init_dir):

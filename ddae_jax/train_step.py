@@ -70,10 +70,12 @@ def _global_norm(tree) -> jax.Array:
   return optax.tree.norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
 
 
-def train_step(model: DDAE, tx, batch_spec, state: dict, batch: dict):
+def train_step(model: DDAE, tx, batch_spec, num_images, state: dict, batch: dict):
   """One DDAE step: masks, momentum targets, K reconstructions, update, eq. 4.
 
   Args:
+    num_images: the train set's size, which the epoch-based schedules count
+      (None: config.num_train_images).
     state: the train state (module docstring).
     batch: {"image": uint8[B, H, W, 3]}, split over the mesh's batch axes.
 
@@ -102,11 +104,11 @@ def train_step(model: DDAE, tx, batch_spec, state: dict, batch: dict):
   params = optax.apply_updates(state["params"], updates)
 
   new_state = dict(state, step=step + 1, params=params, opt_state=opt_state)
-  metrics = dict(metrics, learning_rate=optim.lr_schedule(c)(step),
+  metrics = dict(metrics, learning_rate=optim.lr_schedule(c, num_images)(step),
                  grad_norm=_global_norm(grads), param_norm=_global_norm(params),
                  update_norm=_global_norm(updates))
   if "ema_params" in state:
-    momentum = optim.ema_momentum(c, step)
+    momentum = optim.ema_momentum(c, step, num_images)
     new_state["ema_params"] = optim.ema_update(state["ema_params"], params["encoder"],
                                                momentum)  # eq. 4
     metrics["ema_momentum"] = jnp.asarray(momentum, jnp.float32)
@@ -116,21 +118,23 @@ def train_step(model: DDAE, tx, batch_spec, state: dict, batch: dict):
   return new_state, metrics
 
 
-def make_train_step(model: DDAE, tx, mesh, state_shardings):
+def make_train_step(model: DDAE, tx, mesh, state_shardings, num_images: int | None = None):
   """jax.jit of `train_step` with the state's and batch's shardings; donates the old state."""
   batch_spec = sharding.batch_sharding(mesh)
-  step = functools.partial(train_step, model, tx, batch_spec)
+  step = functools.partial(train_step, model, tx, batch_spec, num_images)
   return jax.jit(step, in_shardings=(state_shardings, batch_spec),
                  out_shardings=(state_shardings, sharding.replicated(mesh)),
                  donate_argnums=0)
 
 
-def build(config, devices=None, materialize: bool = True):
+def build(config, devices=None, materialize: bool = True, num_train_images: int | None = None):
   """Validates the config, then makes the mesh, model, optimizer, state and step.
 
   Args:
     materialize: False leaves "state" None (and the tokenizer file unread):
       the caller restores a checkpoint into "abstract" instead.
+    num_train_images: the train set's size, which epochs count (None:
+      config.num_train_images).
 
   Returns:
     dict with mesh, model, tx, state, shardings, abstract (the state's
@@ -140,7 +144,7 @@ def build(config, devices=None, materialize: bool = True):
   config_lib.validate(config, num_devices=len(devices))
   mesh = sharding.make_mesh(config.sharding.mesh, devices)
   model = make_model(config)
-  tx = optim.make_optimizer(config)
+  tx = optim.make_optimizer(config, num_train_images)
   loaded = None
   if materialize and config.method == "beitv2" and not config.tokenizer.random_weights:
     loaded = model.load_tokenizer()  # read and checked before any compute
@@ -148,6 +152,6 @@ def build(config, devices=None, materialize: bool = True):
   if loaded is not None:
     host_tokenizer_matches(loaded, state["tokenizer"])
     state["tokenizer"] = jax.device_put(loaded, shardings["tokenizer"])
-  step = make_train_step(model, tx, mesh, shardings)
+  step = make_train_step(model, tx, mesh, shardings, num_train_images)
   return {"mesh": mesh, "model": model, "tx": tx, "state": state,
           "shardings": shardings, "abstract": abstract, "step": step}

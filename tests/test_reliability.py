@@ -189,6 +189,22 @@ def test_smoke_run_logs_every_step_on_real_data(tmp_path):
   rows = [json.loads(l) for l in open(workdir / "metrics.jsonl") if '"loss"' in l]
   assert [r["step"] for r in rows] == list(range(1, 21))
   assert tu.checkpoint_steps(str(workdir))[-2:] == [10, 20]  # (Orbax also saves the first step)
+  # The config is saved as given; what the run derived from its data is in run.json.
+  assert json.load(open(workdir / "config.json"))["num_train_images"] == 256
+  assert json.load(open(workdir / "run.json"))["num_train_images"] == 1497
+  assert json.load(open(workdir / "run.json"))["total_steps"] == 20
+
+
+def test_the_dataset_size_is_passed_to_the_step_arithmetic_not_written_into_the_config():
+  from ddae_jax import optim
+  config = _epochs(10.0)  # config.num_train_images = 256, the fallback
+  assert config_lib.total_steps(config, 1497) == round(10 * 1497 / 16)
+  assert config_lib.total_steps(config) == 160 and config.num_train_images == 256
+  schedule = optim.lr_schedule(config, 1497)  # one warm-up epoch: 94 steps of 16 of 1497
+  assert float(schedule(94)) == pytest.approx(config_lib.learning_rate(config))
+  assert float(optim.lr_schedule(config)(94)) < config_lib.learning_rate(config)
+  momentum = optim.ema_momentum(config, 5 * 94, 1497)  # the 5-epoch ramp's end
+  assert float(momentum) == pytest.approx(config.ema.momentum_end)
 
 
 # ------------------------------------------------------------- 15.4
