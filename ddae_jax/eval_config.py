@@ -71,7 +71,7 @@ def _common(protocol: str, size: str) -> ml_collections.ConfigDict:
 
   c.batch_size = 1024
   c.eval_batch_size = 1024
-  c.num_train_images = config_lib.IMAGENET_TRAIN_IMAGES  # replaced at run time
+  c.num_train_images = config_lib.IMAGENET_TRAIN_IMAGES  # when no size is passed
 
   c.sharding = ml_collections.ConfigDict()
   c.sharding.mesh = (("data", -1), ("fsdp", 1))
