@@ -4,7 +4,7 @@ r"""DDAE ViT-B/16 pretraining on ImageNet-1K: the paper's main setting.
 
 Variants on the argument (combine with commas):
   configs/vitb.py:ep800   800 epochs, 40 warm-up, momentum ramp over 400 (Table 1)
-  configs/vitb.py:smoke   a few steps of a small batch, to check a machine
+  configs/vitb.py:smoke   20 steps of batch 8, each logged, whatever the data: checks a machine
   configs/vitb.py:fsdp    parameters and optimizer state split over all devices
   configs/vitb.py:dds_none, :dds_pixel, :dds_distill, :dds_both   Table 4's rows
 Any field can be overridden: --config.batch_size=1024 --config.dds.num_supervised=6

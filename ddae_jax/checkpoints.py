@@ -17,9 +17,19 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from ddae_jax.sharding import path_str
+
 
 class CheckpointMissing(FileNotFoundError):
   """An explicitly named checkpoint directory has no checkpoint."""
+
+
+class CheckpointDamaged(RuntimeError):
+  """No checkpoint of a run restores; the message names each step and why."""
+
+
+class StateMismatch(ValueError):
+  """A checkpoint's state tree differs from the one the config builds."""
 
 
 class Checkpointer:
@@ -30,6 +40,7 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, save_interval_steps=max(1, every_steps), create=create,
         enable_async_checkpointing=use_async)
+    self._options = options
     self.manager = ocp.CheckpointManager(directory, options=options,
                                          item_names=("state", "data"))
 
@@ -71,12 +82,106 @@ class Checkpointer:
       return out["state"], None
     return out["state"], data["positions"][jax.process_index()]
 
+  def restore_latest_intact(self, abstract_state, set_aside=None):
+    """(state, data position, step) of the newest checkpoint that restores, or None if none exist.
+
+    A step whose files are damaged (truncated, metadata deleted) is skipped with
+    a warning naming it and the error, and older steps are tried. A step whose
+    tree differs from `abstract_state` is not damage: StateMismatch is raised.
+
+    Args:
+      abstract_state: the restore target (`abstract_like`).
+      set_aside: where the skipped newer steps are moved (kept for inspection,
+        and out of the way of the saves that will reach their step numbers);
+        None leaves them (another run's directory).
+
+    Raises:
+      StateMismatch; CheckpointDamaged when no step restores.
+    """
+    damaged = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        check_tree(self.directory, step, abstract_state)
+        state, position = self.restore(step, abstract_state)
+      except StateMismatch:
+        raise
+      except Exception as err:  # noqa: BLE001 -- any read failure means this step is unusable
+        reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:200]
+        logging.warning("Checkpoint step %d in %s does not restore (%s); trying an older one.",
+                        step, self.directory, reason)
+        damaged.append((step, reason))
+        continue
+      if damaged:
+        skipped = [s for s, _ in damaged]
+        if set_aside is not None:
+          self._set_aside(skipped, set_aside)
+        logging.warning("Resumed from step %d; skipped damaged step(s) %s%s.", step, skipped,
+                        f", moved to {set_aside}" if set_aside is not None else "")
+      return state, position, step
+    if damaged:
+      raise CheckpointDamaged(
+          f"no checkpoint in {self.directory} restores: "
+          + "; ".join(f"step {s}: {r}" for s, r in damaged)
+          + ". Remove or repair the damaged steps, or start a new --workdir.")
+    return None
+
+  def _set_aside(self, steps, set_aside):
+    """Moves damaged steps to `set_aside/<step>` (process 0), then reopens the manager."""
+    from etils import epath
+    if jax.process_index() == 0:
+      target = epath.Path(set_aside)
+      target.mkdir(parents=True, exist_ok=True)
+      for step in steps:
+        dest, n = target / str(step), 0
+        while dest.exists():
+          n += 1
+          dest = target / f"{step}.{n}"
+        (epath.Path(self.directory) / str(step)).rename(dest)
+    multihost_utils.sync_global_devices("checkpoints_set_aside")
+    self.manager.close()
+    self.manager = ocp.CheckpointManager(self.directory, options=self._options,
+                                         item_names=("state", "data"))
+
   def wait(self):
     self.manager.wait_until_finished()
 
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _leaves(tree) -> dict:
+  is_leaf = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")
+  # Names only ("a/b/0"): the metadata stores optax's named tuples as dicts.
+  return {path_str(p): tuple(x.shape)
+          for p, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]
+          if is_leaf(x)}
+
+
+def check_tree(directory, step: int, abstract_state) -> None:
+  """Raises StateMismatch, naming up to 5 paths, if checkpoint `step`'s arrays differ.
+
+  Reads only the checkpoint's metadata; an unreadable one raises whatever
+  Orbax raises (the step is damaged).
+  """
+  manager = ocp.CheckpointManager(
+      directory, options=ocp.CheckpointManagerOptions(create=False, read_only=True),
+      item_handlers={"state": ocp.StandardCheckpointHandler(),
+                     "data": ocp.JsonCheckpointHandler()})
+  try:
+    metadata = manager.item_metadata(step)
+    saved = _leaves(metadata["state"]) if metadata and metadata.get("state") else {}
+  finally:
+    manager.close()
+  if not saved:  # Orbax returns an empty tree when _METADATA is missing
+    raise CheckpointDamaged(f"step {step}: no readable metadata of its state")
+  wanted = _leaves(abstract_state)
+  diffs = [f"{p}: checkpoint {saved.get(p, 'absent')}, requested {wanted.get(p, 'absent')}"
+           for p in sorted(set(saved) | set(wanted)) if saved.get(p) != wanted.get(p)]
+  if diffs:
+    raise StateMismatch(
+        f"checkpoint step {step} in {directory} holds another train state than the config "
+        f"builds ({len(diffs)} arrays differ), e.g.\n  " + "\n  ".join(diffs[:5]))
 
 
 def abstract_like(state_shapes, shardings):

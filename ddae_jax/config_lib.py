@@ -139,7 +139,12 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.batch_size = 4096
   c.epochs = 100.0
-  c.num_train_images = IMAGENET_TRAIN_IMAGES  # replaced by the dataset's size at run time
+  # The train set's size when none is given; the trainer passes the dataset's
+  # own size to the step arithmetic (and records it in workdir/run.json).
+  c.num_train_images = IMAGENET_TRAIN_IMAGES
+  # > 0: train exactly this many steps whatever the epochs and the dataset's size
+  # (smoke runs); schedules still count epochs.
+  c.num_steps = 0
 
   # Input (section 4.1: random-resized crop and horizontal flip only).
   c.data = ml_collections.ConfigDict()
@@ -155,10 +160,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.workers = 16              # host decode threads per process
   c.data.prefetch = 2              # batches prepared ahead
   c.data.synthetic_size = 1024     # images of the synthetic source
+  # Undecodable images in a row after which the data is taken to be unreadable
+  # (a wrong folder, a broken download): the run stops naming it.
+  c.data.max_consecutive_failures = 100
 
   c.log_every_steps = 100
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3
+  # Steps dispatched ahead of the devices: the loop waits on an older step's
+  # metrics beyond this, so a save or a preemption waits for at most this many.
+  c.steps_in_flight = 2
 
   # Mesh axes and sizes (-1: all remaining devices) and parameter sharding
   # rules: (regex on the parameter path, "replicate" | "fsdp"); first match wins.
@@ -222,11 +233,14 @@ def _ep800(c):
 
 
 def _smoke(c):
+  # A fixed number of steps whatever the data (an epoch of ImageNet would be
+  # 160,000 steps of 8), each one logged; no warm-up or ramp, which count epochs.
   c.batch_size = 8
-  c.num_train_images = 80
-  c.epochs = 2.0
-  c.optim.warmup_epochs = 1.0
-  c.ema.mid_epochs = c.ema.ramp_epochs = 1.0
+  c.num_steps = 20
+  c.log_every_steps = 1
+  c.checkpoint_every_steps = 10
+  c.optim.warmup_epochs = 0.0
+  c.ema.mid_epochs = c.ema.ramp_epochs = 0.0  # either schedule: the final momentum
 
 
 def _fsdp(c):
@@ -301,12 +315,18 @@ def beta_init(config) -> np.ndarray:
   return np.broadcast_to(init, (k,)).copy() if init.size == 1 else init
 
 
-def total_steps(config) -> int:
-  return max(1, int(round(config.epochs * config.num_train_images / config.batch_size)))
+def total_steps(config, num_images: int | None = None) -> int:
+  """Steps of the run: config.epochs over `num_images` (the dataset's size;
+  None: config.num_train_images), or config.num_steps when set."""
+  if config.get("num_steps", 0) > 0:
+    return int(config.num_steps)
+  return max(1, epochs_to_steps(config, config.epochs, num_images))
 
 
-def epochs_to_steps(config, epochs: float) -> int:
-  return int(round(epochs * config.num_train_images / config.batch_size))
+def epochs_to_steps(config, epochs: float, num_images: int | None = None) -> int:
+  """Steps of `epochs` passes over `num_images` (None: config.num_train_images)."""
+  num_images = config.num_train_images if num_images is None else num_images
+  return int(round(epochs * num_images / config.batch_size))
 
 
 def learning_rate(config) -> float:
@@ -369,6 +389,8 @@ def validate(config, num_devices: int | None = None) -> None:
   Raises:
     ConfigError naming the field, its value and the allowed values.
   """
+  from ddae_jax import config_checks  # imports this module; types before ranges
+  config_checks.check_types(config, base_config())
   _one_of(config, "method", METHODS)
   _one_of(config, "model.size", VIT_SIZES)
   _one_of(config, "model.dtype", DTYPES)
@@ -388,9 +410,13 @@ def validate(config, num_devices: int | None = None) -> None:
   lo, hi = config.data.crop_scale
   if not 0 < lo <= hi <= 1:
     _fail("data.crop_scale", tuple(config.data.crop_scale), "(low, high) with 0 < low <= high <= 1")
-  for field in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+  for field in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
+                "steps_in_flight"):
     if config[field] < 1:
       _fail(field, config[field], "an integer >= 1")
+  if config.data.max_consecutive_failures < 1:
+    _fail("data.max_consecutive_failures", config.data.max_consecutive_failures,
+          "an integer >= 1")
   check_patch_grid(config.model)
   if not 0.0 < config.masking.ratio < 1.0:
     _fail("masking.ratio", config.masking.ratio, "a value in the open interval (0, 1)")

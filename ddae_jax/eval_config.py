@@ -64,13 +64,14 @@ def _common(protocol: str, size: str) -> ml_collections.ConfigDict:
   c.data.workers = 16
   c.data.prefetch = 2
   c.data.synthetic_size = 1024
+  c.data.max_consecutive_failures = 100  # undecodable images in a row: stop, naming the data
   c.data.crop_ratio = 0.875  # evaluation: resize to size / ratio, centre crop
   c.data.crop_scale = (0.08, 1.0)
   c.data.flip = True
 
   c.batch_size = 1024
   c.eval_batch_size = 1024
-  c.num_train_images = config_lib.IMAGENET_TRAIN_IMAGES  # replaced at run time
+  c.num_train_images = config_lib.IMAGENET_TRAIN_IMAGES  # when no size is passed
 
   c.sharding = ml_collections.ConfigDict()
   c.sharding.mesh = (("data", -1), ("fsdp", 1))
@@ -81,6 +82,7 @@ def _common(protocol: str, size: str) -> ml_collections.ConfigDict:
 def _training(c, epochs, warmup):
   c.epochs = epochs
   c.log_every_steps = 100
+  c.steps_in_flight = 2           # steps dispatched ahead of the devices (see config_lib)
   c.eval_every_epochs = 10.0
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3

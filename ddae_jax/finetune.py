@@ -24,13 +24,15 @@ from ddae_jax.model import normalize_images
 from ddae_jax.models.vit import VIT_SIZES
 
 
-def make_optimizer(config, params) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(config, params, num_images: int | None = None
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """(AdamW with BEiT's layer-wise decay, its lr schedule: warm-up to base_lr * batch / 256,
-  then cosine to min_lr)."""
+  then cosine to min_lr); epochs count `num_images` (None: config.num_train_images)."""
   o = config.optim
   schedule = optimizers.warmup_cosine(
-      config_lib.learning_rate(config), config_lib.epochs_to_steps(config, o.warmup_epochs),
-      config_lib.total_steps(config), o.min_lr)
+      config_lib.learning_rate(config),
+      config_lib.epochs_to_steps(config, o.warmup_epochs, num_images),
+      config_lib.total_steps(config, num_images), o.min_lr)
   depth = VIT_SIZES[config.model.size][1]
   return optimizers.adamw_layer_decay(schedule, params, depth, o.layer_decay, o.weight_decay,
                                       o.b1, o.b2, o.grad_clip_norm), schedule
@@ -70,14 +72,14 @@ def build(config, devices=None, num_train_images: int | None = None):
   Returns:
     dict with mesh, model, state, shardings, step, eval_step.
   """
-  mesh, batch_spec = loop.setup(config, devices, num_train_images)
+  mesh, batch_spec = loop.setup(config, devices)
   model = classifier.classifier_from_config(config)
   size = config.model.image_size
   init_params = lambda rng: model.init({"params": rng}, jnp.zeros((1, size, size, 3)))["params"]
   abstract_params = jax.eval_shape(init_params, jax.random.PRNGKey(0))
   encoder = common.restore_encoder(config, abstract_params["encoder"], size,
                                    config.model.patch_size)
-  tx, schedule = make_optimizer(config, abstract_params)
+  tx, schedule = make_optimizer(config, abstract_params, num_train_images)
 
   def init_state(rng, encoder_params):
     param_rng, step_rng = jax.random.split(rng)

@@ -65,15 +65,16 @@ def eval_step(encoder, head, pooling, encoder_params, state, batch) -> dict:
 
 def build(config, devices=None, num_train_images: int | None = None):
   """Mesh, frozen encoder, head state, jitted train and eval steps."""
-  mesh, batch_spec = loop.setup(config, devices, num_train_images)
+  mesh, batch_spec = loop.setup(config, devices)
   encoder = classifier.frozen_encoder(config)
   encoder_params = frozen_encoder_params(config, encoder, mesh)
   head = classifier.ProbeHead(config.model.num_classes)
   width = encoder.width
   o = config.optim
   schedule = optimizers.warmup_cosine(
-      config_lib.learning_rate(config), config_lib.epochs_to_steps(config, o.warmup_epochs),
-      config_lib.total_steps(config), o.min_lr)
+      config_lib.learning_rate(config),
+      config_lib.epochs_to_steps(config, o.warmup_epochs, num_train_images),
+      config_lib.total_steps(config, num_train_images), o.min_lr)
   tx = optimizers.lars(schedule, o.momentum, o.weight_decay, o.trust_coefficient)
 
   def init_state(rng):

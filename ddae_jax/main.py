@@ -43,13 +43,13 @@ def main(argv):
   _maybe_initialize_distributed()
   import jax
   from ddae_jax import checkpoints, config_lib, train
-  from ddae_jax.data.sources import DatasetMissing
+  from ddae_jax.data.sources import DatasetMissing, InputUnreadable
   logging.info("JAX process %d of %d, %d local / %d global devices", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir, FLAGS.init_dir)
   except (DatasetMissing, config_lib.ConfigError, checkpoints.CheckpointMissing,
-          train.NonFiniteLoss) as err:
+          checkpoints.CheckpointDamaged, InputUnreadable, train.NonFiniteLoss) as err:
     # The user's setup, not a bug: the message is the whole story.
     raise SystemExit(f"error: {err}") from None
 

@@ -32,19 +32,22 @@ def param_labels(params):
   return jax.tree_util.tree_map_with_path(label, params)
 
 
-def lr_schedule(config) -> optax.Schedule:
-  """Linear warm-up to base_lr * batch / 256, then cosine decay to min_lr."""
+def lr_schedule(config, num_images: int | None = None) -> optax.Schedule:
+  """Linear warm-up to base_lr * batch / 256, then cosine decay to min_lr.
+
+  Epochs are passes over `num_images` (None: config.num_train_images).
+  """
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0,
       peak_value=config_lib.learning_rate(config),
-      warmup_steps=config_lib.epochs_to_steps(config, config.optim.warmup_epochs),
-      decay_steps=config_lib.total_steps(config),
+      warmup_steps=config_lib.epochs_to_steps(config, config.optim.warmup_epochs, num_images),
+      decay_steps=config_lib.total_steps(config, num_images),
       end_value=config.optim.min_lr)
 
 
-def make_optimizer(config) -> optax.GradientTransformation:
+def make_optimizer(config, num_images: int | None = None) -> optax.GradientTransformation:
   o = config.optim
-  schedule = lr_schedule(config)
+  schedule = lr_schedule(config, num_images)
   adamw = lambda wd: optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=wd)
   if config.dds.beta_learnable:
     beta_opt = optax.adam(lambda step: schedule(step) * o.beta_lr_scale, b1=o.b1, b2=o.b2,
@@ -59,12 +62,13 @@ def make_optimizer(config) -> optax.GradientTransformation:
   return tx
 
 
-def _epoch(config, step: jax.Array) -> jax.Array:
-  """The (fractional) epoch at `step`, float32."""
-  return step * (config.batch_size / config.num_train_images)
+def _epoch(config, step: jax.Array, num_images: int | None = None) -> jax.Array:
+  """The (fractional) epoch at `step` over `num_images` (None: config.num_train_images)."""
+  num_images = config.num_train_images if num_images is None else num_images
+  return step * (config.batch_size / num_images)
 
 
-def ema_momentum(config, step: jax.Array) -> jax.Array:
+def ema_momentum(config, step: jax.Array, num_images: int | None = None) -> jax.Array:
   """m of eq. 4 at `step`, by config.ema.schedule.
 
   "bootmae" (BootMAE utils.adjust_ema_momentum, once per epoch e = floor(epoch)):
@@ -74,18 +78,18 @@ def ema_momentum(config, step: jax.Array) -> jax.Array:
   """
   e = config.ema
   if e.schedule == "bootmae":
-    epoch = jnp.floor(_epoch(config, step))
+    epoch = jnp.floor(_epoch(config, step, num_images))
     first = e.momentum_start + (e.momentum_mid - e.momentum_start) * (
         epoch / max(e.mid_epochs, 1e-9))
     frac = jnp.clip((epoch - e.mid_epochs) / max(e.ramp_epochs, 1e-9), 0.0, 1.0)
     second = e.momentum_mid + (e.momentum_end - e.momentum_mid) * frac
     return jnp.where(epoch < e.mid_epochs, first, second)
-  ramp = config_lib.epochs_to_steps(config, e.ramp_epochs)
+  ramp = config_lib.epochs_to_steps(config, e.ramp_epochs, num_images)
   frac = jnp.clip(step / max(ramp, 1), 0.0, 1.0) if ramp > 0 else 1.0
   return e.momentum_start + (e.momentum_end - e.momentum_start) * frac
 
 
-def distill_weight(config, step: jax.Array) -> jax.Array:
+def distill_weight(config, step: jax.Array, num_images: int | None = None) -> jax.Array:
   """The self-distillation loss weight at `step` (BootMAE run_pretraining.py).
 
   Per epoch e = floor(epoch): min((e + 1) / (weight_ramp * epochs), 1), i.e.
@@ -94,7 +98,7 @@ def distill_weight(config, step: jax.Array) -> jax.Array:
   ramp = config.distill.get("weight_ramp", 0.0) * config.epochs
   if ramp <= 0:
     return jnp.ones((), jnp.float32)
-  epoch = jnp.floor(_epoch(config, step))
+  epoch = jnp.floor(_epoch(config, step, num_images))
   return jnp.minimum((epoch + 1.0) / ramp, 1.0).astype(jnp.float32)
 
 

@@ -7,16 +7,17 @@ state, to continue another run in a new workdir), else fresh.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
-import signal
 import time
 
 import jax
 import numpy as np
 from etils import epath
 
-from ddae_jax import checkpoints, config_lib, flops, metrics, pretrained, sharding
+from ddae_jax import (checkpoints, config_checks, config_lib, flops, metrics, pretrained,
+                      run_control, sharding)
 from ddae_jax import train_step as ts
 from ddae_jax.data import pipeline, sources
 
@@ -25,60 +26,64 @@ class NonFiniteLoss(FloatingPointError):
   """The loss became NaN or Inf; the message names the step and the last good checkpoint."""
 
 
-class _Preemption:
-  """Remembers a SIGTERM (what preemptible VMs send) so the loop can save and stop."""
-
-  def __init__(self):
-    self.requested = False
-    try:
-      signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread (e.g. inside some test runners)
-      pass
-
-  def _handle(self, *_):
-    logging.warning("SIGTERM received: saving a checkpoint and stopping.")
-    self.requested = True
-
-
 def train_and_evaluate(config, workdir: str, init_dir: str | None = None) -> dict:
   """Pretrains until config.epochs; returns the last logged metrics."""
   workdir = epath.Path(workdir)
   # ------------------------------------------------------------------ mesh, model
   devices = jax.devices()
   config_lib.validate(config, num_devices=len(devices))
+
+  ckpt = checkpoints.Checkpointer(workdir / "checkpoints", config.checkpoint_every_steps,
+                                  config.keep_checkpoints)
+  try:
+    return _train(config, workdir, init_dir, devices, ckpt)
+  finally:
+    ckpt.close()  # waits for the last save; also on errors, so Orbax's threads end cleanly
+
+
+def _train(config, workdir, init_dir, devices, ckpt) -> dict:
   local_batch = config.batch_size // jax.process_count()
+  # ------------------------------------------------------------------ resume checks
+  # Before anything is written: a rerun that cannot continue the saved run
+  # stops here, leaving the run's record (config.json, checkpoints) as it was.
+  resume, resume_dir = _resume_source(ckpt, workdir, init_dir)
+  if resume is not None:
+    saved = pretrained.load_config(resume_dir)
+    if saved is not None:
+      config_checks.check_resume_compatible(saved, config, str(resume_dir))
 
   # ------------------------------------------------------------------ input
   source = sources.make_source(config.data, config.model.image_size, config.seed, local_batch,
                                jax.process_index(), jax.process_count())
-  with config.unlocked():
-    config.num_train_images = source.num_examples  # epochs count this dataset's images
-  # Evaluation, analysis and export read the model back from here.
-  pretrained.save_config(workdir, config)
-  total_steps = config_lib.total_steps(config)
-  built = ts.build(config, devices)
-  state, step_fn, mesh = built["state"], built["step"], built["mesh"]
+  # Epochs count this dataset's images; the config stays as given.
+  num_images = source.num_examples
+  total_steps = config_lib.total_steps(config, num_images)
+  # Resuming restores into the abstract state: no fresh state is made beside it.
+  built = ts.build(config, devices, materialize=resume is None, num_train_images=num_images)
+  state, step_fn, mesh, abstract = built["state"], built["step"], built["mesh"], built["abstract"]
+  del built  # `state` is the one reference to the state (the step donates it)
 
   # ------------------------------------------------------------------ state
-  ckpt = checkpoints.Checkpointer(workdir / "checkpoints", config.checkpoint_every_steps,
-                                  config.keep_checkpoints)
-  abstract = checkpoints.abstract_like(state, built["shardings"])
   position = None
-  if ckpt.latest_step() is not None:
-    logging.info("Resuming from %s, step %d", ckpt.directory, ckpt.latest_step())
-    state, position = ckpt.restore(ckpt.latest_step(), abstract)
-  elif init_dir:
-    other_dir = epath.Path(init_dir) / "checkpoints"
-    if not other_dir.exists():
-      raise checkpoints.CheckpointMissing(
-          f"--init_dir={init_dir}: no checkpoint directory {other_dir}")
-    other = checkpoints.Checkpointer(other_dir, 1, 1, create=False)
-    if other.latest_step() is None:
-      raise checkpoints.CheckpointMissing(
-          f"--init_dir={init_dir}: no checkpoint in {other.directory}")
-    logging.info("Starting from %s, step %d", other.directory, other.latest_step())
-    state, position = other.restore(other.latest_step(), abstract)
-    other.close()
+  if resume is not None:
+    # The newest step that restores; damaged newer ones of this workdir are
+    # moved to damaged_checkpoints/ (another run's directory is left alone).
+    set_aside = workdir / "damaged_checkpoints" if resume is ckpt else None
+    try:
+      restored = resume.restore_latest_intact(abstract, set_aside)
+    except checkpoints.StateMismatch as err:
+      raise config_lib.ConfigError(f"{err}\nRerun with the config that run was started with "
+                                   "or use a new --workdir.") from None
+    finally:
+      if resume is not ckpt:
+        resume.close()
+    state, position, step = restored  # not None: `resume` has steps
+    logging.info("Resumed from %s, step %d", resume.directory, step)
+  # Evaluation, analysis and export read the model back from here; written
+  # only once the state it describes is in place.
+  pretrained.save_config(workdir, config)
+  _save_run_record(workdir, num_train_images=num_images, total_steps=total_steps,
+                   data=source.description)
   start_step = int(state["step"])
   if position is None:
     position = start_step * local_batch
@@ -87,7 +92,8 @@ def train_and_evaluate(config, workdir: str, init_dir: str | None = None) -> dic
       source, sharding.batch_sharding(mesh), local_batch, config.model.image_size,
       config.seed, start=position, scale=config.data.crop_scale, flip=config.data.flip,
       workers=config.data.workers, prefetch=config.data.prefetch,
-      color_jitter=config.data.get("color_jitter", 0.0))  # .get: older config.json files
+      color_jitter=config.data.get("color_jitter", 0.0),  # .get: older config.json files
+      max_failures=config.data.max_consecutive_failures)
 
   # ------------------------------------------------------------------ metrics
   writer = metrics.create_writer(str(workdir))
@@ -95,32 +101,36 @@ def train_and_evaluate(config, workdir: str, init_dir: str | None = None) -> dic
     writer.write_hparams(config.to_dict())
   flops_per_image = flops.train_flops_per_image(config)["total"]
   peak = flops.peak_tflops()
-  progress = _progress_action(total_steps, writer)
-  preemption = _Preemption()
+  progress = run_control.progress_action(total_steps, writer)
+  preemption = run_control.Preemption()
 
   # ------------------------------------------------------------------ loop
   logging.info("Training steps %d..%d, %d images per step on %d devices", start_step,
                total_steps, config.batch_size, len(devices))
   last, step = {}, start_step
   tick, tick_step = time.perf_counter(), start_step
+  in_flight = run_control.StepsInFlight(config.steps_in_flight, start_step)
   try:
     while step < total_steps:
-      batch = next(loader)
-      state, step_metrics = step_fn(state, batch)
-      step += 1
-      if progress is not None:
-        progress(step)
+      # Checked before each dispatch: after SIGTERM no new step reaches the
+      # devices, and at most `steps_in_flight` are left to finish before the save.
       stop = preemption.requested or ckpt.preempted(step)
-      log_now = step % config.log_every_steps == 0 or step == total_steps
-      save_now = stop or step == total_steps or ckpt.should_save(step)
-      if log_now or save_now:
+      if not stop:
+        state, step_metrics = step_fn(state, next(loader))
+        step += 1
+        if in_flight.push(step, step_metrics) and progress is not None:
+          progress(in_flight.completed)
+      log_now = not stop and (step % config.log_every_steps == 0 or step == total_steps)
+      save_now = ((stop or step == total_steps or ckpt.should_save(step))
+                  and ckpt.latest_step() != step)
+      if (log_now or save_now) and step > start_step:
         values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
         _check_finite(values, step, ckpt)
       if log_now:
         now = time.perf_counter()
         images_per_s = (step - tick_step) * config.batch_size / max(now - tick, 1e-9)
         values.update(images_per_second=images_per_s, skipped_images=loader.skipped,
-                      epoch=step * config.batch_size / config.num_train_images)
+                      epoch=step * config.batch_size / num_images)
         if peak:
           values["mfu"] = images_per_s * flops_per_image / (peak * 1e12 * len(devices))
         writer.write_scalars(step, values)
@@ -134,9 +144,33 @@ def train_and_evaluate(config, workdir: str, init_dir: str | None = None) -> dic
         break
   finally:
     loader.close()
-    ckpt.close()
     writer.close()
   return last
+
+
+def _save_run_record(workdir, **values):
+  """workdir/run.json: what the run derived at run time (the dataset's size, its steps)."""
+  if jax.process_index() == 0:
+    (workdir / "run.json").write_text(json.dumps(values, indent=2, sort_keys=True))
+
+
+def _resume_source(ckpt, workdir, init_dir):
+  """(the Checkpointer to resume from, its run directory), or (None, None) for a fresh run.
+
+  The workdir's own checkpoints first, else --init_dir's.
+  """
+  if ckpt.manager.all_steps():
+    return ckpt, workdir
+  if not init_dir:
+    return None, None
+  other_dir = epath.Path(init_dir) / "checkpoints"
+  if not other_dir.exists():
+    raise checkpoints.CheckpointMissing(
+        f"--init_dir={init_dir}: no checkpoint directory {other_dir}")
+  other = checkpoints.Checkpointer(other_dir, 1, 1, create=False)
+  if other.latest_step() is None:
+    raise checkpoints.CheckpointMissing(f"--init_dir={init_dir}: no checkpoint in {other_dir}")
+  return other, epath.Path(init_dir)
 
 
 def _check_finite(values: dict, step: int, ckpt: checkpoints.Checkpointer):
@@ -146,12 +180,3 @@ def _check_finite(values: dict, step: int, ckpt: checkpoints.Checkpointer):
         f"loss is {values['loss']} at step {step}; the last good checkpoint is step "
         f"{ckpt.latest_step()} in {ckpt.directory} (left intact). Lower the learning rate "
         "or enable optim.grad_clip_norm, then resume from it.")
-
-
-def _progress_action(total_steps: int, writer):
-  """CLU's ReportProgress (steps/s, ETA) where CLU imports; else None."""
-  if jax.process_index() != 0 or not metrics.tensorflow_available():
-    return None
-  from clu import periodic_actions
-  return periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
-                                         every_secs=60.0)

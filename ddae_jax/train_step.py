@@ -44,28 +44,38 @@ def init_state(model: DDAE | BEiTv2, tx: optax.GradientTransformation,
   return state
 
 
-def create_train_state(config, model: DDAE, tx, mesh):
+def create_train_state(config, model: DDAE, tx, mesh, materialize: bool = True):
   """Initialises the state directly on the devices, sharded by the rules.
 
+  Args:
+    materialize: False computes only shapes and shardings (a run about to
+      restore a checkpoint: a fresh state beside the restored one would double
+      the device memory).
+
   Returns:
-    (state, shardings): the state and the NamedSharding tree that lays it out.
+    (state or None, shardings, abstract): the state, the NamedSharding tree
+    that lays it out, and ShapeDtypeStructs with those shardings.
   """
   rng = jax.random.PRNGKey(config.seed)
   init = functools.partial(init_state, model, tx)
-  abstract = jax.eval_shape(init, rng)
-  shardings = sharding.state_shardings(abstract, mesh, config.sharding.rules)
-  state = jax.jit(init, out_shardings=shardings)(rng)
-  return state, shardings
+  shapes = jax.eval_shape(init, rng)
+  shardings = sharding.state_shardings(shapes, mesh, config.sharding.rules)
+  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          shapes, shardings)
+  state = jax.jit(init, out_shardings=shardings)(rng) if materialize else None
+  return state, shardings, abstract
 
 
 def _global_norm(tree) -> jax.Array:
   return optax.tree.norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
 
 
-def train_step(model: DDAE, tx, batch_spec, state: dict, batch: dict):
+def train_step(model: DDAE, tx, batch_spec, num_images, state: dict, batch: dict):
   """One DDAE step: masks, momentum targets, K reconstructions, update, eq. 4.
 
   Args:
+    num_images: the train set's size, which the epoch-based schedules count
+      (None: config.num_train_images).
     state: the train state (module docstring).
     batch: {"image": uint8[B, H, W, 3]}, split over the mesh's batch axes.
 
@@ -84,7 +94,7 @@ def train_step(model: DDAE, tx, batch_spec, state: dict, batch: dict):
   if "ema_params" in state:
     # The momentum encoder sees every patch; no gradient reaches it.
     targets = jax.lax.stop_gradient(model.encode(state["ema_params"], images))
-    extra["distill_weight"] = optim.distill_weight(c, step)
+    extra["distill_weight"] = optim.distill_weight(c, step, num_images)
   if "tokenizer" in state:
     # BEiT-v2: the frozen tokenizer's codes of the un-normalised crop.
     targets = model.tokenize(state["tokenizer"], batch["image"])
@@ -95,11 +105,11 @@ def train_step(model: DDAE, tx, batch_spec, state: dict, batch: dict):
   params = optax.apply_updates(state["params"], updates)
 
   new_state = dict(state, step=step + 1, params=params, opt_state=opt_state)
-  metrics = dict(metrics, learning_rate=optim.lr_schedule(c)(step),
+  metrics = dict(metrics, learning_rate=optim.lr_schedule(c, num_images)(step),
                  grad_norm=_global_norm(grads), param_norm=_global_norm(params),
                  update_norm=_global_norm(updates))
   if "ema_params" in state:
-    momentum = optim.ema_momentum(c, step)
+    momentum = optim.ema_momentum(c, step, num_images)
     new_state["ema_params"] = optim.ema_update(state["ema_params"], params["encoder"],
                                                momentum)  # eq. 4
     metrics["ema_momentum"] = jnp.asarray(momentum, jnp.float32)
@@ -110,33 +120,40 @@ def train_step(model: DDAE, tx, batch_spec, state: dict, batch: dict):
   return new_state, metrics
 
 
-def make_train_step(model: DDAE, tx, mesh, state_shardings):
+def make_train_step(model: DDAE, tx, mesh, state_shardings, num_images: int | None = None):
   """jax.jit of `train_step` with the state's and batch's shardings; donates the old state."""
   batch_spec = sharding.batch_sharding(mesh)
-  step = functools.partial(train_step, model, tx, batch_spec)
+  step = functools.partial(train_step, model, tx, batch_spec, num_images)
   return jax.jit(step, in_shardings=(state_shardings, batch_spec),
                  out_shardings=(state_shardings, sharding.replicated(mesh)),
                  donate_argnums=0)
 
 
-def build(config, devices=None):
+def build(config, devices=None, materialize: bool = True, num_train_images: int | None = None):
   """Validates the config, then makes the mesh, model, optimizer, state and step.
 
+  Args:
+    materialize: False leaves "state" None (and the tokenizer file unread):
+      the caller restores a checkpoint into "abstract" instead.
+    num_train_images: the train set's size, which epochs count (None:
+      config.num_train_images).
+
   Returns:
-    dict with mesh, model, tx, state, shardings, step (the jitted train step).
+    dict with mesh, model, tx, state, shardings, abstract (the state's
+    ShapeDtypeStructs with shardings), step (the jitted train step).
   """
   devices = list(jax.devices() if devices is None else devices)
   config_lib.validate(config, num_devices=len(devices))
   mesh = sharding.make_mesh(config.sharding.mesh, devices)
   model = make_model(config)
-  tx = optim.make_optimizer(config)
+  tx = optim.make_optimizer(config, num_train_images)
   loaded = None
-  if config.method == "beitv2" and not config.tokenizer.random_weights:
+  if materialize and config.method == "beitv2" and not config.tokenizer.random_weights:
     loaded = model.load_tokenizer()  # read and checked before any compute
-  state, shardings = create_train_state(config, model, tx, mesh)
+  state, shardings, abstract = create_train_state(config, model, tx, mesh, materialize)
   if loaded is not None:
     host_tokenizer_matches(loaded, state["tokenizer"])
     state["tokenizer"] = jax.device_put(loaded, shardings["tokenizer"])
-  step = make_train_step(model, tx, mesh, shardings)
+  step = make_train_step(model, tx, mesh, shardings, num_train_images)
   return {"mesh": mesh, "model": model, "tx": tx, "state": state,
-          "shardings": shardings, "step": step}
+          "shardings": shardings, "abstract": abstract, "step": step}

@@ -17,7 +17,7 @@ import threading
 import jax
 import numpy as np
 
-from ddae_jax.data import augment
+from ddae_jax.data import augment, sources
 
 
 class TrainLoader:
@@ -25,6 +25,8 @@ class TrainLoader:
 
   `view(image, rng) -> {name: array}` replaces the pretraining crop (the
   evaluation protocols' augmentations); `labels=True` adds "label": int32[B].
+  After `max_failures` undecodable images in a row the source is taken to be
+  unreadable (a wrong folder, a broken download): InputUnreadable, naming it.
 
   Attributes:
     position: records of this process's stream consumed by the batches handed
@@ -34,8 +36,10 @@ class TrainLoader:
 
   def __init__(self, source, sharding, local_batch: int, image_size: int, seed: int,
                start: int = 0, scale=(0.2, 1.0), flip: bool = True, workers: int = 8,
-               prefetch: int = 2, view=None, labels: bool = False, color_jitter: float = 0.0):
+               prefetch: int = 2, view=None, labels: bool = False, color_jitter: float = 0.0,
+               max_failures: int = 100):
     self.view, self.labels = view, labels
+    self.source, self.max_failures, self._failures_in_a_row = source, max_failures, 0
     self.sharding, self.local_batch, self.size = sharding, local_batch, image_size
     self.seed, self.scale, self.flip = seed, tuple(scale), flip
     self.color_jitter = color_jitter  # BEiT's ColorJitter strength; 0 = none
@@ -49,7 +53,7 @@ class TrainLoader:
     self._thread.start()
 
   def _view(self, record):
-    number, key, image, label = record
+    number, key, image, label, name = record
     rng = np.random.default_rng([self.seed, *key])
     try:
       if self.view is None:
@@ -61,7 +65,7 @@ class TrainLoader:
         out["label"] = np.int32(label)
       return out
     except augment.UndecodableImage as err:
-      logging.warning("Skipping undecodable image (record %d): %s", number, err)
+      logging.warning("Skipping undecodable image %s (record %d): %s", name, number, err)
       return None
 
   def _host_batch(self):
@@ -73,8 +77,15 @@ class TrainLoader:
         end = record[0] + 1
         if view is None:
           skipped += 1
+          self._failures_in_a_row += 1
         else:
           images.append(view)
+          self._failures_in_a_row = 0
+      if self._failures_in_a_row >= self.max_failures:
+        raise sources.InputUnreadable(
+            f"{self._failures_in_a_row} images in a row could not be decoded from "
+            f"{getattr(self.source, 'description', self.source)} (the last: {chunk[-1][4]}); "
+            "check that it holds images in a format PIL reads")
     self._cursor = end
     return {k: np.stack([v[k] for v in images]) for k in images[0]}, end, skipped
 

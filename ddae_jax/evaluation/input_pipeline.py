@@ -85,7 +85,7 @@ def eval_examples(data_config, split: str, image_size: int, process_index: int =
     ds = builder.as_dataset(split=sub, shuffle_files=False,
                             decoders={"image": tfds.decode.SkipDecoding()})
   else:
-    builder = sources.image_folder_builder(data_config.folder)
+    builder = sources.image_folder_builder(data_config.folder, split)
     total = builder.info.splits[split].num_examples
     ds = builder.as_dataset(split=split, shuffle_files=False,
                             decoders={"image": tfds.decode.SkipDecoding()})

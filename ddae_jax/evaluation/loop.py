@@ -15,22 +15,20 @@ import time
 import jax
 from etils import epath
 
-from ddae_jax import checkpoints, config_lib, eval_config, metrics, sharding, train
+from ddae_jax import (checkpoints, config_lib, eval_config, metrics, run_control, sharding,
+                      train)
 from ddae_jax.data import pipeline, sources
 from ddae_jax.evaluation import common, input_pipeline
 
 
-def setup(config, devices=None, num_train_images: int | None = None):
-  """Validates the config, records the train set's size, makes the mesh.
+def setup(config, devices=None):
+  """Validates the config, makes the mesh.
 
   Returns:
     (mesh, the batch sharding).
   """
   devices = list(jax.devices() if devices is None else devices)
   eval_config.check(config, num_devices=len(devices), require_init_dir=not config.random_init)
-  if num_train_images is not None:
-    with config.unlocked():
-      config.num_train_images = num_train_images
   mesh = sharding.make_mesh(config.sharding.mesh, devices)
   return mesh, sharding.batch_sharding(mesh)
 
@@ -53,14 +51,16 @@ def run(config, workdir, build, view) -> dict:
   def make_loader(position):
     return pipeline.TrainLoader(
         source, batch_spec, local_batch, config.model.image_size, config.seed, start=position,
-        workers=config.data.workers, prefetch=config.data.prefetch, view=view(config),
+        workers=config.data.workers, prefetch=config.data.prefetch,
+        max_failures=config.data.max_consecutive_failures, view=view(config),
         labels=True)
 
   return fit(config, workdir, built["state"], built["shardings"], built["step"], evaluate,
-             make_loader)
+             make_loader, num_images=source.num_examples)
 
 
-def fit(config, workdir, state, state_shardings, step_fn, evaluate_fn, make_loader) -> dict:
+def fit(config, workdir, state, state_shardings, step_fn, evaluate_fn, make_loader,
+        num_images: int | None = None) -> dict:
   """Trains `state` for config.epochs and evaluates every config.eval_every_epochs.
 
   Args:
@@ -69,14 +69,17 @@ def fit(config, workdir, state, state_shardings, step_fn, evaluate_fn, make_load
     step_fn: jitted (state, batch) -> (state, metrics).
     evaluate_fn: state -> {"top1", "top5", "loss", "count"} on the validation split.
     make_loader: records already consumed -> a TrainLoader.
+    num_images: the train set's size, which epochs count (None:
+      config.num_train_images); the config is not changed.
 
   Returns:
     the last evaluation's results (also written to <workdir>/results.json).
   """
   workdir = epath.Path(workdir)
   local_batch = config.batch_size // jax.process_count()
-  total_steps = config_lib.total_steps(config)
-  eval_every = max(1, config_lib.epochs_to_steps(config, config.eval_every_epochs))
+  num_images = config.num_train_images if num_images is None else num_images
+  total_steps = config_lib.total_steps(config, num_images)
+  eval_every = max(1, config_lib.epochs_to_steps(config, config.eval_every_epochs, num_images))
   ckpt = checkpoints.Checkpointer(workdir / "checkpoints", config.checkpoint_every_steps,
                                   config.keep_checkpoints)
   position = None
@@ -89,8 +92,9 @@ def fit(config, workdir, state, state_shardings, step_fn, evaluate_fn, make_load
   writer = metrics.create_writer(str(workdir))
   if step == 0:
     writer.write_hparams(config.to_dict())
-  progress = train._progress_action(total_steps, writer)
-  preemption = train._Preemption()
+  progress = run_control.progress_action(total_steps, writer)
+  preemption = run_control.Preemption()
+  in_flight = run_control.StepsInFlight(config.steps_in_flight, step)
   results = {}
   logging.info("%s: steps %d..%d, %d images per step", config.protocol, step, total_steps,
                config.batch_size)
@@ -99,8 +103,8 @@ def fit(config, workdir, state, state_shardings, step_fn, evaluate_fn, make_load
     while step < total_steps:
       state, step_metrics = step_fn(state, next(loader))
       step += 1
-      if progress is not None:
-        progress(step)
+      if in_flight.push(step, step_metrics) and progress is not None:
+        progress(in_flight.completed)  # steps the devices finished, not dispatched ones
       stop = preemption.requested or ckpt.preempted(step)
       done = step == total_steps
       if step % config.log_every_steps == 0 or done or stop:
@@ -108,7 +112,7 @@ def fit(config, workdir, state, state_shardings, step_fn, evaluate_fn, make_load
         train._check_finite(values, step, ckpt)
         now = time.perf_counter()
         values.update(images_per_second=(step - tick_step) * config.batch_size / (now - tick),
-                      epoch=step * config.batch_size / config.num_train_images)
+                      epoch=step * config.batch_size / num_images)
         writer.write_scalars(step, {f"train/{k}": v for k, v in values.items()})
         writer.flush()
         tick, tick_step = now, step
