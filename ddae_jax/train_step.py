@@ -44,17 +44,26 @@ def init_state(model: DDAE | BEiTv2, tx: optax.GradientTransformation,
   return state
 
 
+def state_layout(config, model: DDAE | BEiTv2, tx, mesh):
+  """The state's init function, its shapes and its shardings; nothing is placed on devices.
+
+  Returns:
+    (init, abstract, shardings): init(rng) -> state; abstract is its
+    ShapeDtypeStruct tree; shardings the NamedSharding tree of the rules.
+  """
+  init = functools.partial(init_state, model, tx)
+  abstract = jax.eval_shape(init, jax.random.PRNGKey(config.seed))
+  return init, abstract, sharding.state_shardings(abstract, mesh, config.sharding.rules)
+
+
 def create_train_state(config, model: DDAE, tx, mesh):
   """Initialises the state directly on the devices, sharded by the rules.
 
   Returns:
     (state, shardings): the state and the NamedSharding tree that lays it out.
   """
-  rng = jax.random.PRNGKey(config.seed)
-  init = functools.partial(init_state, model, tx)
-  abstract = jax.eval_shape(init, rng)
-  shardings = sharding.state_shardings(abstract, mesh, config.sharding.rules)
-  state = jax.jit(init, out_shardings=shardings)(rng)
+  init, _, shardings = state_layout(config, model, tx, mesh)
+  state = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(config.seed))
   return state, shardings
 
 
@@ -117,6 +126,19 @@ def make_train_step(model: DDAE, tx, mesh, state_shardings):
                  donate_argnums=0)
 
 
+def setup(config, devices) -> tuple:
+  """Validates the config, then makes the mesh, model and optimizer (no compute).
+
+  `devices` may be compile-only devices of a TPU topology (ddae_jax/aot.py).
+
+  Returns:
+    (mesh, model, tx).
+  """
+  config_lib.validate(config, num_devices=len(devices))
+  return (sharding.make_mesh(config.sharding.mesh, devices), make_model(config),
+          optim.make_optimizer(config))
+
+
 def build(config, devices=None):
   """Validates the config, then makes the mesh, model, optimizer, state and step.
 
@@ -124,10 +146,7 @@ def build(config, devices=None):
     dict with mesh, model, tx, state, shardings, step (the jitted train step).
   """
   devices = list(jax.devices() if devices is None else devices)
-  config_lib.validate(config, num_devices=len(devices))
-  mesh = sharding.make_mesh(config.sharding.mesh, devices)
-  model = make_model(config)
-  tx = optim.make_optimizer(config)
+  mesh, model, tx = setup(config, devices)
   loaded = None
   if config.method == "beitv2" and not config.tokenizer.random_weights:
     loaded = model.load_tokenizer()  # read and checked before any compute
