@@ -247,6 +247,7 @@ def report(config, binary: str, s: Slice, devices, margin: float) -> dict:
            + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
   hbm = chip.hbm_gib * 2**30
   cost = _cost(compiled)
+  hlo = compiled.as_text()
   flop = cost.get("flops", 0.0) / per_chip_batch  # the cost model is per device
   moved = cost.get("bytes accessed", 0.0) / per_chip_batch
   analytic = analytic_flops_per_image(config, binary)
@@ -274,7 +275,11 @@ def report(config, binary: str, s: Slice, devices, margin: float) -> dict:
       "bound": "compute" if flop / moved >= ridge else "memory",
       "roofline_step_ms": round(bound_s * 1e3, 2),
       "roofline_images_per_s_per_chip": round(per_chip_batch / bound_s, 1),
-      "collectives": collectives(compiled.as_text()),
+      "collectives": collectives(hlo),
+      # XLA's cost model counts a while loop's body once, whatever its trip
+      # count: FLOPs in loops (collective matmuls, scans) are under-counted.
+      "while_loops": len(re.findall(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=.*?\swhile\(", hlo,
+                                    re.MULTILINE)),
       "compile_s": round(compile_s, 1),
       **_versions(),
   }
