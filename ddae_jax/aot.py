@@ -57,6 +57,7 @@ flags.DEFINE_enum("binary", "main", ["main", "finetune"],
                   "Which step: pretraining (ddae_jax.main) or fine-tuning (ddae_jax.finetune).")
 flags.DEFINE_bool("sweep", False, "Double the per-chip batch until it no longer fits; "
                   "report the largest that does.")
+flags.DEFINE_bool("breakdown", False, "Add gb_per_image_by_scope: where the bytes accessed go.")
 flags.DEFINE_float("margin", 0.1, "Fraction of HBM to keep free for fits=true (the runtime, "
                    "fragmentation and the input pipeline's buffers need some).")
 
@@ -220,6 +221,55 @@ def collectives(hlo_text: str) -> dict:
   return {op: v for op, v in out.items() if v["count"]}
 
 
+_ENTRY_OP = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.+?)\s+([a-z][\w\-]*)\((.*)$")
+_NO_TRAFFIC = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast",
+               "all-gather-done", "all-reduce-done", "collective-permute-done", "copy-done",
+               "after-all", "partition-id", "replica-id"}
+
+
+def _scope(op_name: str) -> str:
+  """'jit(train_step)/transpose(jvp(Decoder))/block_1/mlp/fc1/dot' -> 'backward Decoder/block/mlp'
+  (both decoders are "Decoder")."""
+  parts = op_name.split("/")[1:]
+  if not parts:
+    return "other"
+  # jvp: the differentiated forward; neither: no gradient (momentum encoder, masks, optimizer).
+  phase = ("backward" if "transpose(" in op_name else "forward" if "jvp(" in op_name
+           else "no-grad")
+  names = [re.sub(r"^(?:\w+\()+|\)+$", "", p) for p in parts]
+  names = [re.sub(r"_\d+$", "", n) for n in names if n]
+  return f"{phase} {'/'.join(names[:3])}"
+
+
+def bytes_by_scope(hlo_text: str, top: int = 15) -> dict:
+  """Bytes per device read and written by the top-level ops of the entry computation,
+  grouped by the model scope of their op_name (the largest `top`; the rest as
+  "rest"). Each op counts its operands and its result, as XLA's cost model does,
+  but unpadded and without what while loops do inside, so the sum is below
+  the cost model's "bytes accessed".
+  """
+  entry = hlo_text[hlo_text.index("\nENTRY"):]
+  sizes, totals = {}, {}
+  for line in entry.splitlines()[1:]:
+    match = _ENTRY_OP.match(line)
+    if not match:
+      continue
+    name, shape, opcode, rest = match.groups()
+    sizes[name] = sum(_tensor_bytes(shape))
+    if opcode in _NO_TRAFFIC:
+      continue
+    operands = re.findall(r"%([\w.\-]+)", rest.split(", metadata=")[0])
+    moved = sizes[name] + sum(sizes.get(o, 0) for o in set(operands) if o != name)
+    op_name = re.search(r'op_name="([^"]*)"', rest)
+    key = _scope(op_name.group(1)) if op_name else "other"
+    totals[key] = totals.get(key, 0) + moved
+  ranked = sorted(totals.items(), key=lambda kv: -kv[1])
+  out = dict(ranked[:top])
+  if ranked[top:]:
+    out["rest"] = sum(v for _, v in ranked[top:])
+  return out
+
+
 def _cost(compiled) -> dict:
   cost = compiled.cost_analysis()
   return (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
@@ -234,7 +284,8 @@ def _versions() -> dict:
   return {"jax": jax.__version__, "libtpu": libtpu}
 
 
-def report(config, binary: str, s: Slice, devices, margin: float) -> dict:
+def report(config, binary: str, s: Slice, devices, margin: float,
+           breakdown: bool = False) -> dict:
   """Compiles the step for the slice; the JSON line's fields (module docstring)."""
   chip = CHIPS[s.generation]
   per_chip_batch = config.batch_size / len(devices)
@@ -253,7 +304,7 @@ def report(config, binary: str, s: Slice, devices, margin: float) -> dict:
   analytic = analytic_flops_per_image(config, binary)
   ridge = chip.peak_tflops * 1e12 / (chip.hbm_gbps * 1e9)
   bound_s = max(flop / (chip.peak_tflops * 1e12), moved / (chip.hbm_gbps * 1e9)) * per_chip_batch
-  return {
+  row = {
       "config": f"{config.model.size}/{config.model.patch_size}",
       "binary": binary, "topology": s.name, "libtpu_topology": s.topology,
       "chip": devices[0].device_kind, "chips": s.chips, "hosts": s.hosts,
@@ -283,6 +334,10 @@ def report(config, binary: str, s: Slice, devices, margin: float) -> dict:
       "compile_s": round(compile_s, 1),
       **_versions(),
   }
+  if breakdown:
+    row["gb_per_image_by_scope"] = {k: round(v / per_chip_batch / 1e9, 4)
+                                     for k, v in bytes_by_scope(hlo).items()}
+  return row
 
 
 def _mesh_shape(config, num_devices: int) -> list:
@@ -306,10 +361,11 @@ def is_oom(err: Exception) -> bool:
   return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "exceeds" in text
 
 
-def try_report(config, binary: str, s: Slice, devices, margin: float) -> dict:
+def try_report(config, binary: str, s: Slice, devices, margin: float,
+               breakdown: bool = False) -> dict:
   """report(), or fits=false with the compiler's message when it runs out of HBM."""
   try:
-    return report(config, binary, s, devices, margin)
+    return report(config, binary, s, devices, margin, breakdown)
   except Exception as err:  # noqa: BLE001 - only the compiler's out-of-memory is a result
     if not is_oom(err):
       raise
@@ -339,7 +395,8 @@ def main(argv):
   s = parse_slice(FLAGS.topology)
   devices = slice_devices(s)
   if not FLAGS.sweep:
-    print(json.dumps(try_report(config, FLAGS.binary, s, devices, FLAGS.margin)), flush=True)
+    print(json.dumps(try_report(config, FLAGS.binary, s, devices, FLAGS.margin,
+                                FLAGS.breakdown)), flush=True)
     return
   largest = None
   for row in sweep(config, FLAGS.binary, s, devices, FLAGS.margin):

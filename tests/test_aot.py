@@ -53,17 +53,22 @@ def test_sweep_doubles_while_it_fits_and_halves_until_it_does(monkeypatch):
     assert per_chip == ([16, 32, 64, 128] if start_fits else [16, 8])
 
 
-@pytest.mark.slow
-def test_tiny_step_compiles_for_a_v5e_slice():
-  """The real TPU compiler on the tiny config: every field, and XLA's FLOPs near flops.py's."""
+def _compile(config: str, *flags) -> dict:
+  """The JSON line of `python -m ddae_jax.aot` for a v5e-4 (skips without libtpu)."""
   if importlib.util.find_spec("libtpu") is None:
     pytest.skip("libtpu is not installed (pip install -e '.[test]' on Linux x86_64)")
   import trainer_utils as tu
-  cmd = [tu.sys.executable, "-m", "ddae_jax.aot", f"--config={tu.REPO}/configs/tiny.py",
-         "--topology=v5e-4"]
+  cmd = [tu.sys.executable, "-m", "ddae_jax.aot", f"--config={tu.REPO}/{config}",
+         "--topology=v5e-4", *flags]
   proc = tu.run(cmd, 1)
   assert proc.returncode == 0, proc.stdout[-3000:]
-  row = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+  return json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+
+
+@pytest.mark.slow
+def test_tiny_step_compiles_for_a_v5e_slice():
+  """The real TPU compiler on the tiny config: every field, and XLA's FLOPs near flops.py's."""
+  row = _compile("configs/tiny.py")
   assert row["chip"] == "TPU v5 lite" and row["chips"] == row["devices"] == 4
   assert row["mesh"] == {"data": 4, "fsdp": 1} and row["per_chip_batch"] == 4
   assert row["attention_impl"] == "xla" and row["fits"] is True
@@ -77,3 +82,26 @@ def test_tiny_step_compiles_for_a_v5e_slice():
   assert 1.0 < row["compiled_over_analytic"] < 1.4, row
   # Data parallelism: the float32 gradients are all-reduced.
   assert row["collectives"]["all-reduce"]["bytes"] > 1e6
+
+
+@pytest.mark.slow
+def test_fine_tuning_step_compiles_for_a_v5e_slice():
+  row = _compile("configs/finetune_quickstart.py", "--binary=finetune")
+  assert row["binary"] == "finetune" and row["fits"] is True and row["per_chip_batch"] == 16
+  assert 1.0 < row["compiled_over_analytic"] < 1.4, row
+
+
+def test_bytes_by_scope_counts_operands_and_results_by_module():
+  hlo = """HloModule m
+
+ENTRY %main (p: bf16[8,64]) -> f32[8] {
+  %p = bf16[8,64]{1,0} parameter(0)
+  %fusion.1 = bf16[8,256]{1,0} fusion(%p), kind=kOutput, calls=%f1, metadata={op_name="jit(train_step)/jvp(ViTEncoder)/block_3/mlp/fc1/dot_general"}
+  %fusion.2 = f32[8]{0} fusion(%fusion.1, %p), kind=kLoop, calls=%f2, metadata={op_name="jit(train_step)/transpose(jvp(Decoder))/block_1/attn/qkv/dot_general"}
+  ROOT %copy = f32[8]{0} copy(%fusion.2)
+}
+"""
+  assert aot.bytes_by_scope(hlo) == {
+      "backward Decoder/block/attn": 8 * 4 + 8 * 256 * 2 + 8 * 64 * 2,
+      "forward ViTEncoder/block/mlp": 8 * 64 * 2 + 8 * 256 * 2,
+      "other": 2 * 8 * 4}
