@@ -262,6 +262,11 @@ def bytes_by_scope(hlo_text: str, top: int = 15) -> dict:
     moved = sizes[name] + sum(sizes.get(o, 0) for o in set(operands) if o != name)
     op_name = re.search(r'op_name="([^"]*)"', rest)
     key = _scope(op_name.group(1)) if op_name else "other"
+    if opcode == "copy-start":
+      # The compiler's own prefetch into on-chip memory: (destination, source,
+      # context); the source is read once.
+      key, moved = "copy-start (prefetch to on-chip memory)", sum(sizes.get(o, 0)
+                                                                 for o in set(operands))
     totals[key] = totals.get(key, 0) + moved
   ranked = sorted(totals.items(), key=lambda kv: -kv[1])
   out = dict(ranked[:top])
