@@ -105,3 +105,19 @@ ENTRY %main (p: bf16[8,64]) -> f32[8] {
       "backward Decoder/block/attn": 8 * 4 + 8 * 256 * 2 + 8 * 64 * 2,
       "forward ViTEncoder/block/mlp": 8 * 64 * 2 + 8 * 256 * 2,
       "other": 2 * 8 * 4}
+
+
+def test_attention_auto_follows_the_target_platform():
+  """The default compiles everywhere: cuDNN only on GPUs in 16-bit, XLA elsewhere."""
+  from ddae_jax import config_lib, eval_config
+  c = config_lib.base_config()
+  assert c.model.attention_impl == "auto" and c.model.dtype == "bfloat16"
+  assert eval_config.finetune_config("base").model.attention_impl == "auto"
+  assert [config_lib.attention_impl(c.model, p) for p in ("tpu", "cpu", "gpu", "cuda")] == [
+      "xla", "xla", "cudnn", "cudnn"]
+  assert config_lib.attention_impl(c.model) == "xla"  # these tests run on CPUs
+  c.model.dtype = "float32"
+  assert config_lib.attention_impl(c.model, "gpu") == "xla"  # cuDNN has no float32 kernel
+  for forced, impl in (("", None), ("xla", "xla"), ("cudnn", "cudnn")):
+    c.model.attention_impl = forced
+    assert config_lib.attention_impl(c.model, "tpu") == impl
