@@ -64,21 +64,21 @@ flags.DEFINE_float("margin", 0.1, "Fraction of HBM to keep free for fits=true (t
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-  """A TPU generation: its libtpu topology prefix and data-sheet figures per chip."""
+  """A TPU generation: its libtpu topology prefix and data-sheet figures per chip
+  (the peak FLOP/s are flops.PEAK_TFLOPS's, by the devices' kind)."""
   topology_prefix: str  # "v4" -> "v4:2x2x1"
   cores_in_name: bool   # gcloud's v4-N / v5p-N count TensorCores, two per chip
   hbm_gib: float
   hbm_gbps: float       # HBM bandwidth, GB/s
-  peak_tflops: float    # dense bf16
   three_d: bool         # 3-D torus (v4, v5p) or 2-D (v5e, v6e)
 
 
 # Google's system-architecture pages (cloud.google.com/tpu/docs/v4, v5e, v5p, v6e).
 CHIPS = {
-    "v4": Chip("v4", True, 32, 1228, 275.0, True),
-    "v5p": Chip("v5", True, 95, 2765, 459.0, True),
-    "v5e": Chip("v5e", False, 16, 819, 197.0, False),
-    "v6e": Chip("v6e", False, 32, 1640, 918.0, False),
+    "v4": Chip("v4", True, 32, 1228, True),
+    "v5p": Chip("v5", True, 95, 2765, True),
+    "v5e": Chip("v5e", False, 16, 819, False),
+    "v6e": Chip("v6e", False, 32, 1640, False),
 }
 # Chips -> torus shape, as gcloud lays out the standard slices (MaxText's table).
 SHAPES_3D = {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4, 4),
@@ -307,8 +307,9 @@ def report(config, binary: str, s: Slice, devices, margin: float,
   flop = cost.get("flops", 0.0) / per_chip_batch  # the cost model is per device
   moved = cost.get("bytes accessed", 0.0) / per_chip_batch
   analytic = analytic_flops_per_image(config, binary)
-  ridge = chip.peak_tflops * 1e12 / (chip.hbm_gbps * 1e9)
-  bound_s = max(flop / (chip.peak_tflops * 1e12), moved / (chip.hbm_gbps * 1e9)) * per_chip_batch
+  peak = flops.peak_tflops(devices[0]) * 1e12
+  ridge = peak / (chip.hbm_gbps * 1e9)
+  bound_s = max(flop / peak, moved / (chip.hbm_gbps * 1e9)) * per_chip_batch
   row = {
       "config": f"{config.model.size}/{config.model.patch_size}",
       "binary": binary, "topology": s.name, "libtpu_topology": s.topology,
