@@ -28,6 +28,7 @@ libtpu topology name such as v5e:2x2 or v4:2x2x1.
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import json
 import os
 import re
@@ -46,7 +47,10 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from ddae_jax import flops, sharding
+from ddae_jax import config_lib, finetune, flops, sharding
+from ddae_jax import train_step as ts
+from ddae_jax.evaluation import loop
+from ddae_jax.models.vit import VIT_SIZES
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Pretraining or fine-tuning config file.",
@@ -153,19 +157,16 @@ def _abstract(tree, shardings):
 
 
 def lower_step(config, binary: str, devices):
-  """The run's jitted step lowered for `devices` with abstract state and batch.
+  """(The run's jitted step lowered for `devices` with abstract state and batch, the mesh).
 
   The model's attention follows the target platform (config_lib.attention_impl),
   not the host's.
   """
-  from ddae_jax import config_lib
   platform = devices[0].platform
   with config.unlocked():
     config.model.attention_impl = config_lib.attention_impl(config.model, platform) or ""
   size, batch = config.model.image_size, config.batch_size
   if binary == "finetune":
-    from ddae_jax import finetune
-    from ddae_jax.evaluation import loop
     with config.unlocked():
       config.random_init = True  # no checkpoint is read; the step is the same
     mesh, batch_spec = loop.setup(config, devices)
@@ -174,7 +175,6 @@ def lower_step(config, binary: str, devices):
     spec = {"image": ((batch, size, size, 3), jnp.uint8), "label": ((batch,), jnp.int32),
             "erase": ((batch, 4), jnp.int32)}
   else:
-    from ddae_jax import train_step as ts
     mesh, model, tx = ts.setup(config, devices)
     _, abstract, shardings = ts.state_layout(config, model, tx, mesh)
     step = ts.make_train_step(model, tx, mesh, shardings)
@@ -182,7 +182,7 @@ def lower_step(config, binary: str, devices):
     spec = {"image": ((batch, size, size, 3), jnp.uint8)}
   batch_arg = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_spec)
                for k, (shape, dtype) in spec.items()}
-  return step.lower(_abstract(abstract, shardings), batch_arg)
+  return step.lower(_abstract(abstract, shardings), batch_arg), mesh
 
 
 # An HLO instruction "%name = <shape> opcode(...": the shape is a tensor such as
@@ -282,9 +282,8 @@ def _cost(compiled) -> dict:
 
 def _versions() -> dict:
   try:
-    import importlib.metadata as md
-    libtpu = md.version("libtpu")
-  except Exception:  # noqa: BLE001 - reported, not needed
+    libtpu = importlib.metadata.version("libtpu")
+  except importlib.metadata.PackageNotFoundError:
     libtpu = None
   return {"jax": jax.__version__, "libtpu": libtpu}
 
@@ -295,7 +294,8 @@ def report(config, binary: str, s: Slice, devices, margin: float,
   chip = CHIPS[s.generation]
   per_chip_batch = config.batch_size / len(devices)
   t0 = time.perf_counter()
-  compiled = lower_step(config, binary, devices).compile()
+  lowered, mesh = lower_step(config, binary, devices)
+  compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
   mem = compiled.memory_analysis()
   gb = lambda b: round(b / 1e9, 3)
@@ -314,8 +314,7 @@ def report(config, binary: str, s: Slice, devices, margin: float,
       "config": f"{config.model.size}/{config.model.patch_size}",
       "binary": binary, "topology": s.name, "libtpu_topology": s.topology,
       "chip": devices[0].device_kind, "chips": s.chips, "hosts": s.hosts,
-      "devices": len(devices), "mesh": dict(zip(sharding.BATCH_AXES,
-                                                _mesh_shape(config, len(devices)))),
+      "devices": len(devices), "mesh": dict(mesh.shape),
       "batch": config.batch_size, "per_chip_batch": per_chip_batch,
       "attention_impl": config.model.attention_impl, "dtype": config.model.dtype,
       "remat": bool(config.model.get("remat", False)),
@@ -346,17 +345,10 @@ def report(config, binary: str, s: Slice, devices, margin: float,
   return row
 
 
-def _mesh_shape(config, num_devices: int) -> list:
-  axes = dict(config.sharding.mesh)
-  fixed = int(np.prod([v for v in axes.values() if v != -1]))
-  return [num_devices // fixed if axes[a] == -1 else axes[a] for a in sharding.BATCH_AXES]
-
-
 def analytic_flops_per_image(config, binary: str) -> float | None:
   """flops.py's count: the pretraining step's total, or a classifier's 3x forward."""
   if binary == "main":
     return flops.train_flops_per_image(config)["total"]
-  from ddae_jax.models.vit import VIT_SIZES
   width, depth, _ = VIT_SIZES[config.model.size]
   n = (config.model.image_size // config.model.patch_size) ** 2
   return 3 * flops.encoder_forward_flops(n + 1, width, depth, config.model.patch_size ** 2 * 3)
