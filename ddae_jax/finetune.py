@@ -66,19 +66,18 @@ def eval_step(model, params, batch) -> dict:
   return common.classification_sums(logits, batch["label"], batch["mask"])
 
 
-def build(config, devices=None, num_train_images: int | None = None):
-  """Mesh, model, state (pretrained encoder inside), jitted train and eval steps.
+def make_step(config, mesh, batch_spec, num_train_images: int | None = None) -> dict:
+  """The classifier, its state's init function, shapes and shardings, and the jitted
+  train step; nothing is placed on devices (ddae_jax/aot.py compiles from this).
 
   Returns:
-    dict with mesh, model, state, shardings, step, eval_step.
+    dict with model, init_state(rng, encoder_params or None), abstract (the
+    state's ShapeDtypeStruct tree), shardings, step.
   """
-  mesh, batch_spec = loop.setup(config, devices)
   model = classifier.classifier_from_config(config)
   size = config.model.image_size
   init_params = lambda rng: model.init({"params": rng}, jnp.zeros((1, size, size, 3)))["params"]
   abstract_params = jax.eval_shape(init_params, jax.random.PRNGKey(0))
-  encoder = common.restore_encoder(config, abstract_params["encoder"], size,
-                                   config.model.patch_size)
   tx, schedule = make_optimizer(config, abstract_params, num_train_images)
 
   def init_state(rng, encoder_params):
@@ -89,18 +88,34 @@ def build(config, devices=None, num_train_images: int | None = None):
     return {"step": jnp.zeros((), jnp.int32), "params": params,
             "opt_state": tx.init(params), "rng": step_rng}
 
-  rng = jax.random.PRNGKey(config.seed)
-  abstract = jax.eval_shape(init_state, rng, encoder)
+  # A restored encoder has the shapes of a fresh one, so the layout is the same.
+  abstract = jax.eval_shape(init_state, jax.random.PRNGKey(config.seed), None)
   shardings = sharding.state_shardings(abstract, mesh, config.sharding.rules)
-  state = jax.jit(init_state, out_shardings=shardings)(rng, encoder)
   step = jax.jit(functools.partial(train_step, model, tx, schedule, config),
                  in_shardings=(shardings, batch_spec),
                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+  return {"model": model, "init_state": init_state, "abstract": abstract,
+          "shardings": shardings, "step": step}
+
+
+def build(config, devices=None, num_train_images: int | None = None):
+  """Mesh, model, state (pretrained encoder inside), jitted train and eval steps.
+
+  Returns:
+    dict with mesh, model, state, shardings, step, eval_step.
+  """
+  mesh, batch_spec = loop.setup(config, devices)
+  parts = make_step(config, mesh, batch_spec, num_train_images)
+  model, shardings = parts["model"], parts["shardings"]
+  encoder = common.restore_encoder(config, parts["abstract"]["params"]["encoder"],
+                                   config.model.image_size, config.model.patch_size)
+  state = jax.jit(parts["init_state"], out_shardings=shardings)(
+      jax.random.PRNGKey(config.seed), encoder)
   evaluate = jax.jit(functools.partial(eval_step, model),
                      in_shardings=(shardings["params"], batch_spec),
                      out_shardings=sharding.replicated(mesh))
   return {"mesh": mesh, "model": model, "state": state, "shardings": shardings,
-          "step": step, "eval_step": lambda s, b: evaluate(s["params"], b),
+          "step": parts["step"], "eval_step": lambda s, b: evaluate(s["params"], b),
           "batch_sharding": batch_spec}
 
 

@@ -27,6 +27,7 @@ PEAK_TFLOPS = {
     "TPU v5e": 197.0,
     "TPU v5p": 459.0,
     "TPU v5": 459.0,
+    "TPU v6 lite": 918.0,  # v6e (Trillium)
 }
 
 

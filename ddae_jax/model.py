@@ -40,7 +40,7 @@ def make_encoder(config, pos_embed: str | None = None) -> ViTEncoder:
       patch_size=config.model.patch_size, width=width, depth=depth, num_heads=heads,
       feature_blocks=config_lib.supervised_blocks(config),
       feature_norm=config.model.feature_norm, dtype=jnp.dtype(config.model.dtype),
-      attention_impl=config.model.attention_impl or None, remat=config.model.remat,
+      attention_impl=config_lib.attention_impl(config.model), remat=config.model.remat,
       pos_embed=pos_embed or config.model.get("pos_embed", "sincos"),
       # .get: configs saved before these fields existed are plain ViTs.
       rel_pos_bias=config.model.get("rel_pos_bias", False),
@@ -54,7 +54,7 @@ class DDAE:
     self.config = config
     width, _, heads = config_lib.encoder_dims(config)
     dtype = jnp.dtype(config.model.dtype)
-    attn = config.model.attention_impl or None
+    attn = config_lib.attention_impl(config.model)
     self.grid = config_lib.grid_size(config)
     self.num_patches = self.grid[0] * self.grid[1]
     self.blocks = config_lib.supervised_blocks(config)

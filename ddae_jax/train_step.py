@@ -44,6 +44,18 @@ def init_state(model: DDAE | BEiTv2, tx: optax.GradientTransformation,
   return state
 
 
+def state_layout(config, model: DDAE | BEiTv2, tx, mesh):
+  """The state's init function, its shapes and its shardings; nothing is placed on devices.
+
+  Returns:
+    (init, abstract, shardings): init(rng) -> state; abstract is its
+    ShapeDtypeStruct tree; shardings the NamedSharding tree of the rules.
+  """
+  init = functools.partial(init_state, model, tx)
+  abstract = jax.eval_shape(init, jax.random.PRNGKey(config.seed))
+  return init, abstract, sharding.state_shardings(abstract, mesh, config.sharding.rules)
+
+
 def create_train_state(config, model: DDAE, tx, mesh, materialize: bool = True):
   """Initialises the state directly on the devices, sharded by the rules.
 
@@ -56,12 +68,10 @@ def create_train_state(config, model: DDAE, tx, mesh, materialize: bool = True):
     (state or None, shardings, abstract): the state, the NamedSharding tree
     that lays it out, and ShapeDtypeStructs with those shardings.
   """
-  rng = jax.random.PRNGKey(config.seed)
-  init = functools.partial(init_state, model, tx)
-  shapes = jax.eval_shape(init, rng)
-  shardings = sharding.state_shardings(shapes, mesh, config.sharding.rules)
+  init, shapes, shardings = state_layout(config, model, tx, mesh)
   abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                           shapes, shardings)
+  rng = jax.random.PRNGKey(config.seed)
   state = jax.jit(init, out_shardings=shardings)(rng) if materialize else None
   return state, shardings, abstract
 
@@ -129,6 +139,19 @@ def make_train_step(model: DDAE, tx, mesh, state_shardings, num_images: int | No
                  donate_argnums=0)
 
 
+def setup(config, devices, num_train_images: int | None = None) -> tuple:
+  """Validates the config, then makes the mesh, model and optimizer (no compute).
+
+  `devices` may be compile-only devices of a TPU topology (ddae_jax/aot.py).
+
+  Returns:
+    (mesh, model, tx).
+  """
+  config_lib.validate(config, num_devices=len(devices))
+  return (sharding.make_mesh(config.sharding.mesh, devices), make_model(config),
+          optim.make_optimizer(config, num_train_images))
+
+
 def build(config, devices=None, materialize: bool = True, num_train_images: int | None = None):
   """Validates the config, then makes the mesh, model, optimizer, state and step.
 
@@ -143,10 +166,7 @@ def build(config, devices=None, materialize: bool = True, num_train_images: int 
     ShapeDtypeStructs with shardings), step (the jitted train step).
   """
   devices = list(jax.devices() if devices is None else devices)
-  config_lib.validate(config, num_devices=len(devices))
-  mesh = sharding.make_mesh(config.sharding.mesh, devices)
-  model = make_model(config)
-  tx = optim.make_optimizer(config, num_train_images)
+  mesh, model, tx = setup(config, devices, num_train_images)
   loaded = None
   if materialize and config.method == "beitv2" and not config.tokenizer.random_weights:
     loaded = model.load_tokenizer()  # read and checked before any compute

@@ -18,6 +18,15 @@ on-demand but can be preempted at any time: the trainer saves on SIGTERM and
 a queued resource (spot capacity, waits until the slice is free: best for
 large pods); "on-demand" is never preempted and costs the most.
 
+Runtime (--runtime): by default the TPU software version Google documents for
+the accelerator's generation (RUNTIMES: v2-v4 tpu-ubuntu2204-base, v5e
+v2-alpha-tpuv5-lite, v5p v2-alpha-tpuv5, v6e v2-alpha-tpuv6e); a flag or
+DDAE_RUNTIME overrides it.
+
+--preflight (create, run, resume): first compiles the run's step for the
+accelerator on this machine (python -m ddae_jax.aot, needs libtpu, no TPU) and
+stops before any gcloud call when it does not fit in the chips' memory.
+
 Remote commands are built with shlex.quote, so no setting reaches a shell
 unquoted.
 """
@@ -25,6 +34,7 @@ unquoted.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shlex
@@ -35,6 +45,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ACCELERATOR = re.compile(r"^(v2|v3|v4|v5litepod|v5p|v6e)-\d+$")
 PROVISIONING = ("spot", "queued", "on-demand")
 BINARIES = ("ddae_jax.main", "ddae_jax.finetune", "ddae_jax.linear_probe", "ddae_jax.knn")
+# cloud.google.com/tpu/docs/runtimes: the base image of each generation.
+RUNTIMES = {"v2": "tpu-ubuntu2204-base", "v3": "tpu-ubuntu2204-base",
+            "v4": "tpu-ubuntu2204-base", "v5litepod": "v2-alpha-tpuv5-lite",
+            "v5p": "v2-alpha-tpuv5", "v6e": "v2-alpha-tpuv6e"}
+# Binaries whose step ddae_jax.aot compiles, and its --binary for them.
+AOT_BINARIES = {"ddae_jax.main": "main", "ddae_jax.finetune": "finetune"}
 REMOTE_DIR = "ddae"  # under the remote home directory
 LOG_DIR = "ddae_logs"
 
@@ -43,7 +59,8 @@ SETTINGS = {  # name: (default, help)
     "zone": ("us-central2-b", "Zone of the TPU."),
     "name": ("ddae", "Name of the TPU VM (and queued resource)."),
     "accelerator": ("v4-64", "Accelerator type, e.g. v4-8, v4-64, v5litepod-64, v5p-128."),
-    "runtime": ("tpu-ubuntu2204-base", "TPU software version (runtime)."),
+    "runtime": (None, "TPU software version (runtime); default: the accelerator's, "
+                "from RUNTIMES."),
     "provisioning": ("spot", "spot | queued | on-demand (see the cost note above)."),
     "bucket": (None, "gs:// bucket for workdirs (required by run, watch, resume)."),
     "config": ("configs/vitb.py", "Config file, relative to the repo, with :variants."),
@@ -69,6 +86,9 @@ def parse(argv):
   parser.add_argument("--override", action="append", default=[],
                       help="Extra flag for the binary, e.g. --override=--config.batch_size=1024 "
                            "(repeatable).")
+  parser.add_argument("--preflight", action="store_true",
+                      help="Compile the step for the accelerator here first (ddae_jax.aot); "
+                           "stop if it does not fit.")
   parser.add_argument("--dry-run", action="store_true",
                       help="Print the gcloud commands instead of running them.")
   return parser.parse_args(argv)
@@ -99,6 +119,14 @@ def check(args):
   for flag in args.override:
     if not flag.startswith("--"):
       raise SettingError(f"setting 'override' = {flag!r}: each override is a --flag=value")
+  if args.preflight:
+    if args.command not in ("create", "run", "resume"):
+      raise SettingError(f"setting 'preflight': only for create, run and resume, "
+                         f"not '{args.command}'")
+    if args.binary not in AOT_BINARIES:
+      raise SettingError(f"setting 'preflight': ddae_jax.aot compiles {sorted(AOT_BINARIES)}, "
+                         f"not {args.binary!r}")
+  args.runtime = args.runtime or RUNTIMES[args.accelerator.split("-")[0]]
   args.workdir = args.workdir or f"{(args.bucket or '').rstrip('/')}/{args.name}"
 
 
@@ -170,6 +198,33 @@ def describe_command(args):
           "--format=value(state)"]
 
 
+def preflight_command(args):
+  """ddae_jax.aot for the run's config, binary and config overrides on this accelerator."""
+  return [sys.executable, "-m", "ddae_jax.aot", f"--config={os.path.join(REPO, args.config)}",
+          f"--topology={args.accelerator}", f"--binary={AOT_BINARIES[args.binary]}",
+          *[f for f in args.override if f.startswith("--config.")]]
+
+
+def preflight(args) -> bool:
+  """Runs the compile check (prints its JSON line); False when the step does not fit."""
+  cmd = preflight_command(args)
+  print(" ".join(shlex.quote(c) for c in cmd), flush=True)
+  if args.dry_run:
+    return True
+  proc = subprocess.run(cmd, text=True, capture_output=True, cwd=REPO)
+  lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+  if proc.returncode != 0 or not lines:
+    print(f"error: preflight failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+    return False
+  print(lines[-1], flush=True)
+  row = json.loads(lines[-1])
+  if not row.get("fits"):
+    print(f"error: the step does not fit on {args.accelerator}: {row.get('total_gb')} GB of "
+          f"{row.get('hbm_gb')} GB per chip; lower --config.batch_size or use fsdp",
+          file=sys.stderr)
+  return bool(row.get("fits"))
+
+
 def execute(cmds, dry_run: bool, capture_last: bool = False):
   out = None
   for cmd in cmds:
@@ -194,6 +249,8 @@ def main(argv=None) -> int:
   except SettingError as err:
     print(f"error: {err}", file=sys.stderr)
     return 2
+  if args.preflight and not preflight(args):
+    return 3
   if args.command == "create":
     execute(create_commands(args), args.dry_run)
   elif args.command == "setup":

@@ -121,6 +121,68 @@ def test_delete_and_dry_run(fake_path):
   assert calls(log)[0][4] == "delete"
 
 
+@pytest.mark.parametrize("accelerator,runtime", [
+    ("v3-8", "tpu-ubuntu2204-base"), ("v4-64", "tpu-ubuntu2204-base"),
+    ("v5litepod-64", "v2-alpha-tpuv5-lite"), ("v5p-128", "v2-alpha-tpuv5"),
+    ("v6e-16", "v2-alpha-tpuv6e")])
+def test_runtime_follows_the_generation(fake_path, accelerator, runtime):
+  env, log = fake_path
+  for provisioning, flag in (("spot", "--version"), ("queued", "--runtime-version")):
+    proc = tpu(env, "create", "--project=p", f"--accelerator={accelerator}",
+               f"--provisioning={provisioning}", "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    cmd = proc.stdout.split()
+    assert cmd[cmd.index(flag) + 1] == runtime
+  assert calls(log) == []
+  proc = tpu(dict(env, DDAE_RUNTIME="tpu-vm-v4-base"), "create", "--project=p",
+             f"--accelerator={accelerator}", "--dry-run")
+  assert proc.stdout.split()[proc.stdout.split().index("--version") + 1] == "tpu-vm-v4-base"
+
+
+def test_preflight_dry_run_prints_the_compile_check(fake_path):
+  env, log = fake_path
+  proc = tpu(env, "run", *COMMON, "--preflight", "--dry-run", "--binary=ddae_jax.finetune",
+             "--config=configs/finetune_vitb.py", "--override=--config.batch_size=1024",
+             "--override=--xla_flag")
+  assert proc.returncode == 0, proc.stderr
+  first = proc.stdout.splitlines()[0]
+  assert "-m ddae_jax.aot" in first and "--topology=v4-64" in first
+  assert "--binary=finetune" in first and "--config.batch_size=1024" in first
+  assert "--xla_flag" not in first and calls(log) == []
+  bad = tpu(env, "watch", *COMMON, "--preflight")
+  assert bad.returncode == 2 and "preflight" in bad.stderr
+
+
+def _launcher():
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("tpu_launcher",
+                                                os.path.join(REPO, "launch", "tpu.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.mark.parametrize("fits,code", [(True, 0), (False, 3)])
+def test_preflight_stops_before_gcloud_when_the_step_does_not_fit(fits, code, monkeypatch,
+                                                                  capsys):
+  launcher = _launcher()
+  ran = []
+
+  def fake_run(cmd, **kwargs):
+    ran.append(cmd)
+    row = {"fits": fits, "total_gb": 20.1, "hbm_gb": 17.2}
+    return subprocess.CompletedProcess(cmd, 0, stdout=json.dumps(row) + "\n", stderr="")
+
+  monkeypatch.setattr(launcher.subprocess, "run", fake_run)
+  assert launcher.main(["create", "--project=p", "--accelerator=v5litepod-64",
+                        "--preflight"]) == code
+  assert "ddae_jax.aot" in ran[0][2]
+  gcloud = [c for c in ran if c[0] == "gcloud"]
+  assert bool(gcloud) == fits
+  if not fits:
+    assert "does not fit on v5litepod-64" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args,setting", [
     (("create",), "project"),
     (("create", "--project=p", "--accelerator=v9-8"), "accelerator"),

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddae_jax import pretrained, timm_weights
+from ddae_jax import config_lib, pretrained, timm_weights
 from ddae_jax.models.vit import VIT_SIZES, ViTEncoder, sincos_pos_embed
 
 
@@ -91,7 +91,7 @@ def classifier_from_config(config, num_classes: int | None = None) -> ViTClassif
       patch_size=m.patch_size, width=width, depth=depth, num_heads=heads,
       num_classes=num_classes or m.num_classes, pooling=m.pooling,
       drop_path=m.get("drop_path", 0.0), dtype=jnp.dtype(m.dtype),
-      attention_impl=m.attention_impl or None, remat=m.remat)
+      attention_impl=config_lib.attention_impl(m), remat=m.remat)
 
 
 def frozen_encoder(config) -> ViTEncoder:
