@@ -24,6 +24,9 @@ NOT_READ_BY_DDAE = {
     "tokenizer.checkpoint", "tokenizer.random_weights",
     # BEiT-v2's class-token pretraining head (method = "beitv2").
     "cls_pt.early_block", "cls_pt.head_depth",
+    # The fallback dataset size for Python callers that pass none: the trainer
+    # passes its source's size to the step arithmetic instead (issue 14).
+    "num_train_images",
     # Read by the TFDS and image-folder sources only (this run uses synthetic data).
     "data.name", "data.data_dir", "data.folder", "data.shuffle_buffer",
 }
