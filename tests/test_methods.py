@@ -40,8 +40,10 @@ def tiny_version(config_arg: str):
     c.cls_pt.early_block = 3
   c.batch_size, c.num_train_images, c.epochs = 8, 8, 100.0
   c.optim.base_lr, c.optim.warmup_epochs, c.optim.grad_clip_norm = 1e-3 * 256 / 8, 0.0, 0.0
-  # A 100-step toy: a linear momentum ramp (BootMAE's spans 400 epochs).
+  # A 100-step toy: a linear momentum ramp (BootMAE's spans 400 epochs), and the
+  # distillation weight at 1 (its ramp would raise the loss over the 4 steps).
   c.ema.schedule = "linear"
+  c.distill.weight_ramp = 0.0
   c.ema.momentum_start, c.ema.momentum_end, c.ema.ramp_epochs = 0.99, 0.999, 5.0
   return c
 
