@@ -51,6 +51,7 @@ from ddae_jax import config_lib, finetune, flops, sharding
 from ddae_jax import train_step as ts
 from ddae_jax.evaluation import loop
 from ddae_jax.models.vit import VIT_SIZES
+from ddae_jax.objectives.masking import num_masked
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Pretraining or fine-tuning config file.",
@@ -62,6 +63,10 @@ flags.DEFINE_enum("binary", "main", ["main", "finetune"],
 flags.DEFINE_bool("sweep", False, "Double the per-chip batch until it no longer fits; "
                   "report the largest that does.")
 flags.DEFINE_bool("breakdown", False, "Add gb_per_image_by_scope: where the bytes accessed go.")
+flags.DEFINE_enum("block", None, ["encoder", "momentum_encoder", "pixel_decoder",
+                                   "distill_decoder"],
+                  "Compile one block of that part (fwd + bwd; the momentum encoder fwd) on one "
+                  "chip instead of the step, at the config's per-chip batch (x K for decoders).")
 flags.DEFINE_float("margin", 0.1, "Fraction of HBM to keep free for fits=true (the runtime, "
                    "fragmentation and the input pipeline's buffers need some).")
 
@@ -224,7 +229,9 @@ def collectives(hlo_text: str) -> dict:
 _ENTRY_OP = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.+?)\s+([a-z][\w\-]*)\((.*)$")
 _NO_TRAFFIC = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast",
                "all-gather-done", "all-reduce-done", "collective-permute-done", "copy-done",
-               "after-all", "partition-id", "replica-id"}
+               "slice-done", "after-all", "partition-id", "replica-id"}
+# On-chip memory (VMEM) is memory space 1 in a TPU layout: f32[64,128]{1,0:T(8,128)S(1)}.
+_ON_CHIP = re.compile(r"\b(?:pred|[a-z]+[0-9]+)\[[0-9,]*\]\{[^}]*S\(1\)[^}]*\}")
 
 
 def _scope(op_name: str) -> str:
@@ -262,11 +269,12 @@ def bytes_by_scope(hlo_text: str, top: int = 15) -> dict:
     moved = sizes[name] + sum(sizes.get(o, 0) for o in set(operands) if o != name)
     op_name = re.search(r'op_name="([^"]*)"', rest)
     key = _scope(op_name.group(1)) if op_name else "other"
-    if opcode == "copy-start":
-      # The compiler's own prefetch into on-chip memory: (destination, source,
-      # context); the source is read once.
-      key, moved = "copy-start (prefetch to on-chip memory)", sum(sizes.get(o, 0)
-                                                                 for o in set(operands))
+    if opcode in ("copy-start", "slice-start"):
+      # The compiler's own prefetches into on-chip memory (and evictions out of
+      # it): what moves is the on-chip part of the result, else the source.
+      on_chip = sum(_tensor_bytes(" ".join(_ON_CHIP.findall(shape))))
+      key = "prefetch to on-chip memory (copy-start, slice-start)"
+      moved = on_chip or sum(sizes.get(o, 0) for o in set(operands))
     totals[key] = totals.get(key, 0) + moved
   ranked = sorted(totals.items(), key=lambda kv: -kv[1])
   out = dict(ranked[:top])
@@ -307,6 +315,7 @@ def report(config, binary: str, s: Slice, devices, margin: float,
   flop = cost.get("flops", 0.0) / per_chip_batch  # the cost model is per device
   moved = cost.get("bytes accessed", 0.0) / per_chip_batch
   analytic = analytic_flops_per_image(config, binary)
+  floor = flops.floor_bytes_per_image(config, per_chip_batch) if binary == "main" else None
   peak = flops.peak_tflops(devices[0]) * 1e12
   ridge = peak / (chip.hbm_gbps * 1e9)
   bound_s = max(flop / peak, moved / (chip.hbm_gbps * 1e9)) * per_chip_batch
@@ -327,6 +336,10 @@ def report(config, binary: str, s: Slice, devices, margin: float,
       "compiled_over_analytic": round(flop / analytic, 3) if analytic else None,
       "gb_accessed_per_image": round(moved / 1e9, 4),
       "flop_per_byte": round(flop / moved, 1) if moved else None,
+      # flops.floor_bytes_per_image: every product reads its operands and writes
+      # its result once in bf16, all else fused into them; no unfused step beats it.
+      "floor_gb_per_image": round(floor["total"] / 1e9, 4) if floor else None,
+      "floor_flop_per_byte": round(analytic / floor["total"], 1) if floor else None,
       "ridge_flop_per_byte": round(ridge, 1),
       "bound": "compute" if flop / moved >= ridge else "memory",
       "roofline_step_ms": round(bound_s * 1e3, 2),
@@ -336,6 +349,10 @@ def report(config, binary: str, s: Slice, devices, margin: float,
       # count: FLOPs in loops (collective matmuls, scans) are under-counted.
       "while_loops": len(re.findall(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=.*?\swhile\(", hlo,
                                     re.MULTILINE)),
+      # Pallas (Mosaic) kernels: the cost model counts only what a kernel
+      # declares (flash attention's forward declares its FLOPs, its backward
+      # kernels nothing), so FLOPs are under-counted when this is not 0.
+      "mosaic_kernels": hlo.count('custom_call_target="tpu_custom_call"'),
       "compile_s": round(compile_s, 1),
       **_versions(),
   }
@@ -343,6 +360,45 @@ def report(config, binary: str, s: Slice, devices, margin: float,
     row["gb_per_image_by_scope"] = {k: round(v / per_chip_batch / 1e9, 4)
                                      for k, v in bytes_by_scope(hlo).items()}
   return row
+
+
+def block_report(config, part: str, s: Slice, device) -> dict:
+  """The compiler's count for one transformer block of `part` on one chip: the quick way to
+  try a change to the block (attention_impl, dtype) before compiling the whole step."""
+  from ddae_jax.models.vit import Block  # the step's own block
+
+  width, _, heads = config_lib.encoder_dims(config)
+  grid = config_lib.grid_size(config)
+  n = grid[0] * grid[1]
+  per_chip = config.batch_size // s.chips
+  k = len(config_lib.supervised_blocks(config))
+  tokens, batch, train = {
+      "encoder": (n - num_masked(config.masking.ratio, grid) + 1, per_chip, True),
+      "momentum_encoder": (n + 1, per_chip, False),
+      "pixel_decoder": (n + 1, per_chip * k, True),
+      "distill_decoder": (n + 1, per_chip * k, True)}[part]
+  if part == "pixel_decoder":
+    width, heads = config.pixel.decoder_width, config.pixel.decoder_heads
+  dtype = jnp.dtype(config.model.dtype)
+  impl = config_lib.attention_impl(config.model, device.platform)
+  block = Block(heads, dtype=dtype, attention_impl=impl)
+  on_chip = jax.sharding.SingleDeviceSharding(device)
+  params = jax.eval_shape(lambda: block.init(jax.random.key(0),
+                                             jnp.zeros((1, tokens, width), dtype)))
+  params = _abstract(params, jax.tree.map(lambda _: on_chip, params))
+  x = jax.ShapeDtypeStruct((batch, tokens, width), dtype, sharding=on_chip)
+
+  def loss(params, x):
+    return jnp.sum(block.apply(params, x).astype(jnp.float32) ** 2)
+
+  fn = jax.grad(loss, argnums=(0, 1)) if train else loss
+  cost = _cost(jax.jit(fn).lower(params, x).compile())
+  return {"block": part, "tokens": tokens, "width": width, "heads": heads, "batch": batch,
+          "train": train, "attention_impl": impl, "dtype": config.model.dtype,
+          "gflop": round(cost.get("flops", 0.0) / 1e9, 2),
+          "gb_accessed": round(cost.get("bytes accessed", 0.0) / 1e9, 4),
+          "flop_per_byte": round(cost["flops"] / cost["bytes accessed"], 1),
+          "chip": device.device_kind, **_versions()}
 
 
 def analytic_flops_per_image(config, binary: str) -> float | None:
@@ -392,6 +448,9 @@ def main(argv):
   config = FLAGS.config
   s = parse_slice(FLAGS.topology)
   devices = slice_devices(s)
+  if FLAGS.block:
+    print(json.dumps(block_report(config, FLAGS.block, s, devices[0])), flush=True)
+    return
   if not FLAGS.sweep:
     print(json.dumps(try_report(config, FLAGS.binary, s, devices, FLAGS.margin,
                                 FLAGS.breakdown)), flush=True)

@@ -23,7 +23,9 @@ METHODS = ("ddae", "beitv2")
 EMA_SCHEDULES = ("bootmae", "linear")
 NORM_PIX_STATS = ("per_channel", "per_patch")
 DTYPES = ("float32", "bfloat16", "float16")
-ATTENTION_IMPLS = ("auto", "", "xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "", "xla", "cudnn", "pallas")
+# The Pallas kernel needs the step's mesh (attention.kernel_mesh): pretraining only.
+EVAL_ATTENTION_IMPLS = tuple(i for i in ATTENTION_IMPLS if i != "pallas")
 IMAGENET_TRAIN_IMAGES = 1_281_167
 
 
@@ -42,7 +44,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.patch_size = 16
   c.model.image_size = 224
   c.model.dtype = "bfloat16"       # compute dtype; parameters stay float32
-  # "auto": per platform (attention_impl()); "" is jax's default (XLA); "xla" or "cudnn" force one.
+  # "auto": per platform (attention_impl()); "xla" (logits in the compute dtype, softmax in
+  # float32), "" (jax.nn.dot_product_attention, float32 logits), "cudnn" or "pallas" force one.
   c.model.attention_impl = "auto"
   c.model.remat = False            # recompute blocks in the backward pass
   # f^(g_i) = LayerNorm(block g_i output): its own per block, or the final one.
@@ -260,14 +263,15 @@ def encoder_dims(config) -> tuple[int, int, int]:
 
 
 def attention_impl(model_config, platform: str | None = None) -> str | None:
-  """The `implementation` of jax.nn.dot_product_attention for model.attention_impl.
+  """models.attention.attend's `impl` for model.attention_impl.
 
   "auto" follows the platform the step compiles for (default: jax's default
   backend): cuDNN's fused kernel on GPUs in 16-bit dtypes (it has no float32
-  path), XLA's attention elsewhere. cuDNN does not lower for TPUs; a Pallas
-  splash kernel is not used there because its 128-token blocks would pad the
-  encoder's 50 visible tokens to 128 (docs/decisions.md, issue 17). On CPUs
-  "auto", "" and "xla" are the same computation.
+  path), "xla" elsewhere (logits in the compute dtype, softmax in float32).
+  cuDNN does not lower for TPUs; the Pallas flash kernel ("pallas") lowers,
+  but the TPU compiler counts more bytes for it than for "xla" on DDAE and MAE
+  ViT-B (BENCHMARKS.md), so "auto" leaves it to be asked for.
+  "" is jax.nn.dot_product_attention's own XLA path (float32 logits).
   """
   impl = model_config.attention_impl
   if impl != "auto":

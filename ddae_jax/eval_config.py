@@ -215,7 +215,7 @@ def check(config, num_devices: int | None = None, require_init_dir: bool = False
   _one_of(config, "encoder", ENCODERS)
   _one_of(config, "model.size", VIT_SIZES)
   _one_of(config, "model.dtype", config_lib.DTYPES)
-  _one_of(config, "model.attention_impl", config_lib.ATTENTION_IMPLS)
+  _one_of(config, "model.attention_impl", config_lib.EVAL_ATTENTION_IMPLS)
   _one_of(config, "model.pooling", POOLINGS)
   _one_of(config, "data.source", SOURCES)
   if require_init_dir and not config.init_dir:

@@ -115,3 +115,87 @@ def peak_tflops(device=None) -> float | None:
     if name.lower() in kind.lower():
       return peak
   return None
+
+
+# ------------------------------------------------------- bytes: the fusion floor
+# What a step must move to and from HBM if every matrix product reads its two
+# operands and writes its result once, in bfloat16, and everything between
+# products (norms, GELU, softmax, residual adds, casts) is fused into them:
+# no real step moves less without fusing products together (flash attention
+# fuses QK^T, softmax and AV). Its FLOP/byte is the ceiling on the compiled
+# step's; BENCHMARKS.md compares the two.
+ACTIVATION_BYTES = 2            # bfloat16
+TRAINED_PARAM_BYTES = 32        # f32 parameter, gradient, Adam mu and nu: each read and written
+MOMENTUM_PARAM_BYTES = 8        # eq. 4 reads and writes theta' (theta is read above)
+
+
+def _linear_bytes(tokens, a, b, weight_share):
+  """[T, a] x [a, b] -> [T, b]: activations per image, the weight once per weight_share images."""
+  return ACTIVATION_BYTES * (tokens * (a + b) + a * b / weight_share)
+
+
+def block_bytes(tokens: int, width: int, heads: int, weight_share: float,
+                mlp_ratio: float = 4.0) -> float:
+  """One forward pass of a block at the fusion floor, per image: qkv, proj and the MLP's
+  products, and attention's two per-head products (their [heads, T, T] result written by
+  QK^T and read by AV)."""
+  hidden = int(width * mlp_ratio)
+  products = (_linear_bytes(tokens, width, 3 * width, weight_share)
+              + _linear_bytes(tokens, width, width, weight_share)
+              + _linear_bytes(tokens, width, hidden, weight_share)
+              + _linear_bytes(tokens, hidden, width, weight_share))
+  attention = ACTIVATION_BYTES * (4 * tokens * width + 2 * heads * tokens * tokens)
+  return products + attention
+
+
+def floor_bytes_per_image(config, per_chip_batch: float) -> dict | None:
+  """The fusion floor of one DDAE/MAE train step per image, by part, and its "total".
+
+  Trained parts move 3x their forward (as in FLOPs: the backward's two products touch
+  the same three tensors), the momentum encoder 1x; the K decoder passes share each
+  weight (one batched call). "optimizer" is the parameter update's traffic. None for
+  BEiT-v2 (not modelled).
+  """
+  if config.get("method", "ddae") == "beitv2":
+    return None
+  width, _, heads = config_lib.encoder_dims(config)
+  grid = config_lib.grid_size(config)
+  n = grid[0] * grid[1]
+  visible = n - num_masked(config.masking.ratio, grid)
+  patch_dim = config.model.patch_size ** 2 * 3
+  depth = max(config_lib.supervised_blocks(config))
+  branch_k = lambda b: len(config_lib.branch_supervision(config, b)[0])
+  share = float(per_chip_batch)
+
+  def encoder(tokens):
+    return (_linear_bytes(tokens - 1, patch_dim, width, share)
+            + depth * block_bytes(tokens, width, heads, share))
+
+  def decoder(k, dec_width, dec_heads, dec_depth, out_dim):
+    one = (_linear_bytes(visible + 1, width, dec_width, share * k)
+           + dec_depth * block_bytes(n + 1, dec_width, dec_heads, share * k)
+           + _linear_bytes(n, dec_width, out_dim, share * k))
+    return k * one
+
+  block_params = lambda d: (4 + 2 * 4.0) * d * d
+  encoder_params = patch_dim * width + depth * block_params(width)
+  trained_params = encoder_params
+  parts = {"encoder": 3 * encoder(visible + 1)}
+  if config.pixel.enabled:
+    p = config.pixel
+    parts["pixel_decoder"] = 3 * decoder(branch_k("pixel"), p.decoder_width, p.decoder_heads,
+                                         p.decoder_depth, patch_dim)
+    trained_params += (width * p.decoder_width + p.decoder_depth * block_params(p.decoder_width)
+                       + p.decoder_width * patch_dim)
+  momentum_params = 0
+  if config.distill.enabled:
+    parts["momentum_encoder"] = encoder(n + 1)
+    parts["distill_decoder"] = 3 * decoder(branch_k("distill"), width, heads,
+                                           config.distill.decoder_depth, width)
+    trained_params += (width * width + config.distill.decoder_depth * block_params(width)
+                       + width * width)
+    momentum_params = encoder_params
+  parts["optimizer"] = (TRAINED_PARAM_BYTES * trained_params
+                        + MOMENTUM_PARAM_BYTES * momentum_params) / share
+  parts["total"] = sum(parts.values())
+  return parts

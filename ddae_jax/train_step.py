@@ -21,6 +21,7 @@ import optax
 from ddae_jax import config_lib, optim, sharding
 from ddae_jax.beitv2 import BEiTv2, host_tokenizer_matches
 from ddae_jax.model import DDAE, normalize_images
+from ddae_jax.models import attention
 from ddae_jax.objectives.dynamic_weights import distance_map
 from ddae_jax.objectives.masking import mask_from_config
 
@@ -133,7 +134,11 @@ def train_step(model: DDAE, tx, batch_spec, num_images, state: dict, batch: dict
 def make_train_step(model: DDAE, tx, mesh, state_shardings, num_images: int | None = None):
   """jax.jit of `train_step` with the state's and batch's shardings; donates the old state."""
   batch_spec = sharding.batch_sharding(mesh)
-  step = functools.partial(train_step, model, tx, batch_spec, num_images)
+
+  def step(state, batch):
+    with attention.kernel_mesh(mesh, sharding.BATCH_AXES):
+      return train_step(model, tx, batch_spec, num_images, state, batch)
+
   return jax.jit(step, in_shardings=(state_shardings, batch_spec),
                  out_shardings=(state_shardings, sharding.replicated(mesh)),
                  donate_argnums=0)

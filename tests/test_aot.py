@@ -4,6 +4,7 @@ one real compile of the tiny config for a v5e-4 (needs libtpu, not a TPU)."""
 import importlib.util
 import json
 
+import numpy as np
 import pytest
 
 from ddae_jax import aot
@@ -71,17 +72,41 @@ def test_tiny_step_compiles_for_a_v5e_slice():
   row = _compile("configs/tiny.py")
   assert row["chip"] == "TPU v5 lite" and row["chips"] == row["devices"] == 4
   assert row["mesh"] == {"data": 4, "fsdp": 1} and row["per_chip_batch"] == 4
-  assert row["attention_impl"] == "xla" and row["fits"] is True
+  assert row["attention_impl"] == "xla" and row["fits"] is True and row["mosaic_kernels"] == 0
   for key in ("argument_gb", "output_gb", "temp_gb", "total_gb", "hbm_gb",
               "gb_accessed_per_image", "flop_per_byte", "ridge_flop_per_byte",
               "roofline_step_ms", "roofline_images_per_s_per_chip", "compile_s"):
     assert row[key] > 0, key
   assert row["bound"] in ("compute", "memory") and row["jax"] and row["libtpu"]
+  # No compiled step moves less than the fusion floor (flops.floor_bytes_per_image).
+  assert row["gb_accessed_per_image"] >= row["floor_gb_per_image"] > 0
   # Width 64 makes layer norms, GELUs and the optimizer a fifth of the work;
   # at ViT-B the two agree within a few per cent (BENCHMARKS.md).
   assert 1.0 < row["compiled_over_analytic"] < 1.4, row
   # Data parallelism: the float32 gradients are all-reduced.
   assert row["collectives"]["all-reduce"]["bytes"] > 1e6
+
+
+@pytest.mark.slow
+def test_pallas_flash_attention_compiles_for_a_v5e_slice():
+  """At 48 px the tiny config's momentum encoder and decoders see 1 + 144 tokens, so the
+  flash kernel runs (under shard_map over the 4 chips); the encoder's 37 stay on XLA."""
+  row = _compile("configs/tiny.py", "--config.model.attention_impl=pallas",
+                 "--config.model.image_size=48")
+  assert row["attention_impl"] == "pallas" and row["fits"] is True
+  assert row["mosaic_kernels"] > 0
+
+
+@pytest.mark.slow
+def test_16_bit_logits_cut_the_bytes_of_a_decoder_block():
+  """--block compiles one ViT-B pixel-decoder block (fwd + bwd) on a v5e chip: "xla"
+  (bfloat16 logits, float32 softmax) moves fewer bytes than float32 logits, at the
+  same FLOPs (BENCHMARKS.md)."""
+  rows = {impl: _compile("configs/vitb.py", "--block=pixel_decoder", "--config.batch_size=16",
+                         f"--config.model.attention_impl={impl}") for impl in ("xla", "")}
+  assert rows["xla"]["tokens"] == 197 and rows["xla"]["batch"] == 4 * 4  # 4 per chip x K
+  np.testing.assert_allclose(rows["xla"]["gflop"], rows[""]["gflop"], rtol=0.01)
+  assert rows["xla"]["gb_accessed"] < 0.95 * rows[""]["gb_accessed"], rows
 
 
 @pytest.mark.slow
@@ -118,6 +143,11 @@ def test_attention_auto_follows_the_target_platform():
   assert config_lib.attention_impl(c.model) == "xla"  # these tests run on CPUs
   c.model.dtype = "float32"
   assert config_lib.attention_impl(c.model, "gpu") == "xla"  # cuDNN has no float32 kernel
-  for forced, impl in (("", None), ("xla", "xla"), ("cudnn", "cudnn")):
+  for forced, impl in (("", None), ("xla", "xla"), ("cudnn", "cudnn"), ("pallas", "pallas")):
     c.model.attention_impl = forced
     assert config_lib.attention_impl(c.model, "tpu") == impl
+  # The Pallas kernel runs under the pretraining step's mesh only.
+  e = eval_config.finetune_config("base")
+  e.model.attention_impl = "pallas"
+  with pytest.raises(config_lib.ConfigError, match="model.attention_impl"):
+    eval_config.check(e)

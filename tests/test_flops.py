@@ -80,3 +80,31 @@ def test_bench_prints_one_json_line_and_imports_no_tensorflow():
                   "import ddae_jax.data.pipeline, ddae_jax.data.sources;"
                   "assert 'tensorflow' not in sys.modules, 'tensorflow imported'"], 1)
   assert probe.returncode == 0, probe.stdout[-2000:]
+
+
+def test_block_bytes_at_the_fusion_floor_by_hand():
+  """2 tokens, width 4, 2 heads, MLP 16, weights read for one image, bfloat16: qkv
+  2 (2 (4 + 12) + 48), proj 2 (2 (4 + 4) + 16), fc1 and fc2 2 (2 (4 + 16) + 64) each,
+  attention 2 (4 * 2 * 4 + 2 * 2 * 2 * 2)."""
+  assert flops.block_bytes(2, 4, 2, weight_share=1) == 160 + 64 + 208 + 208 + 96
+  # Sharing the weights over more images only removes weight traffic.
+  assert flops.block_bytes(2, 4, 2, weight_share=2) == 736 - (48 + 16 + 64 + 64) * 2 / 2
+
+
+def test_floor_counts_the_models_parameters_in_the_optimizer_term():
+  """The update's traffic is 32 bytes per trained parameter and 8 per momentum-encoder
+  parameter; the formula's counts match the model's own tree (norms, biases and the
+  class token aside, < 1%)."""
+  c = config_lib.base_config()
+  params = jax.eval_shape(DDAE(c).init, jax.random.PRNGKey(0))
+  size = lambda tree: sum(int(np.prod(a.shape)) for a in jax.tree.leaves(tree))
+  trained = size({k: v for k, v in params.items() if k != "beta"})
+  expected = flops.TRAINED_PARAM_BYTES * trained + flops.MOMENTUM_PARAM_BYTES * size(
+      params["encoder"])
+  parts = flops.floor_bytes_per_image(c, per_chip_batch=64)
+  np.testing.assert_allclose(parts["optimizer"] * 64, expected, rtol=0.01)
+  assert parts["total"] == sum(v for k, v in parts.items() if k != "total")
+  # The MAE row has no momentum encoder and no distillation decoder.
+  c.dds.deep_supervision, c.dds.dynamic, c.distill.enabled = False, False, False
+  assert set(flops.floor_bytes_per_image(c, 64)) == {"encoder", "pixel_decoder", "optimizer",
+                                                     "total"}

@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddae_jax.models.attention import attend
+
 # (width, depth, heads) of the standard sizes; "tiny" is for tests and the CPU.
 VIT_SIZES = {
     "tiny": (64, 4, 4),
@@ -86,7 +88,7 @@ class Attention(nn.Module):
   """Multi-head self-attention with timm's fused qkv layout ([q | k | v], heads inside)."""
   num_heads: int
   dtype: Any = jnp.float32
-  attention_impl: str | None = None  # None: XLA picks; "cudnn" or "xla" to force.
+  attention_impl: str | None = None  # attention.attend's impl: None/"xla", "cudnn", "pallas".
   # Computes the softmax explicitly and sows it as intermediates/attention
   # [B, heads, T, T] (float32) for analysis; the fused kernel never forms it.
   capture_attention: bool = False
@@ -97,18 +99,16 @@ class Attention(nn.Module):
     b, t, d = x.shape
     qkv = nn.Dense(3 * d, dtype=self.dtype, kernel_init=dense_init, name="qkv")(x)
     q, k, v = jnp.moveaxis(qkv.reshape(b, t, 3, self.num_heads, d // self.num_heads), 2, 0)
-    if bias is not None:
-      bias = bias.astype(q.dtype)
     if self.capture_attention:
       scale = (d // self.num_heads) ** -0.5
       logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * scale
       if bias is not None:
-        logits = logits + bias.astype(jnp.float32)
+        logits = logits + bias.astype(q.dtype).astype(jnp.float32)
       probs = jax.nn.softmax(logits, axis=-1)
       self.sow("intermediates", "attention", probs)
       out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
     else:
-      out = jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=self.attention_impl)
+      out = attend(q, k, v, bias, self.attention_impl)
     return nn.Dense(d, dtype=self.dtype, kernel_init=dense_init, name="proj")(
         out.reshape(b, t, d))
 

@@ -1,0 +1,123 @@
+"""Scaled dot-product attention, one function for every implementation the model offers.
+
+`attend(q, k, v, bias, impl)` takes timm's [B, T, heads, head_dim] layout and
+dispatches on `impl` (config_lib.attention_impl resolves model.attention_impl
+for the target platform):
+
+  "xla"     XLA, written out: the logits leave the q k^T product in the compute
+            dtype, the softmax runs in float32 and the probabilities go back to
+            the compute dtype for the product with v. This is PyTorch
+            autocast's precision (its matmuls return 16-bit logits, its softmax
+            is on the float32 list), i.e. what MAE and BootMAE train with, and
+            it halves the [B, heads, T, T] tensors XLA writes to HBM: the TPU
+            compiler counts 14-17% fewer bytes per decoder block than with
+            float32 logits (BENCHMARKS.md). In float32 it is plain attention.
+  "" / None jax.nn.dot_product_attention's XLA path: float32 logits and softmax.
+  "cudnn"   cuDNN's fused kernel (GPUs, 16-bit dtypes).
+  "pallas"  TPU, pretraining only: the Pallas flash-attention kernel
+            (jax.experimental.pallas.ops.tpu.flash_attention) for sequences of
+            at least FLASH_MIN_TOKENS, "xla" for shorter ones. The kernel never
+            writes the [T, T] logits to HBM, but it pads T to its 128-token
+            tiles and keeps float32 softmax statistics broadcast over 128 lanes
+            for the backward pass; the TPU compiler counts more bytes for it
+            than for "xla" on DDAE and MAE (BENCHMARKS.md), so "auto" does not
+            pick it. Padded keys are masked out with segment ids.
+
+Why the threshold: DDAE's encoder sees 1 + 49 tokens, its momentum encoder and
+decoders 1 + 196; a 50-token sequence would be padded 2.6x to fill one tile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+FLASH_MIN_TOKENS = 128
+FLASH_BLOCK = 128  # the kernel's tile along both sequence axes
+
+# (mesh, batch axes) of the step being traced: XLA cannot partition a Mosaic
+# kernel, so the flash path runs it per device under shard_map.
+_KERNEL_MESH: list = []
+
+
+@contextlib.contextmanager
+def kernel_mesh(mesh, batch_axes):
+  """Traces the enclosed code with Pallas kernels split over `batch_axes` of `mesh`."""
+  _KERNEL_MESH.append((mesh, tuple(batch_axes)))
+  try:
+    yield
+  finally:
+    _KERNEL_MESH.pop()
+
+
+def _xla(q, k, v, bias):
+  """softmax in float32 between products whose results stay in q's dtype."""
+  scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q * scale, k, preferred_element_type=q.dtype)
+  logits = logits.astype(jnp.float32)
+  if bias is not None:
+    logits = logits + bias.astype(q.dtype).astype(jnp.float32)
+  probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
+  return jnp.einsum("bhqk,bkhd->bqhd", probs, v, preferred_element_type=q.dtype)
+
+
+def _flash(q, k, v, bias):
+  """Pallas flash attention on [B, T, heads, d] tensors, T padded to FLASH_BLOCK."""
+  from jax.experimental.pallas.ops.tpu import flash_attention as fa  # TPU-only kernel
+
+  b, t, h, d = q.shape
+  padded = -(-t // FLASH_BLOCK) * FLASH_BLOCK
+  # The kernel adds the bias before it scales the logits: scale q instead.
+  q = q * jnp.asarray(d ** -0.5, q.dtype)
+  # Its layout is [B, heads, T, d].
+  q, k, v = (jnp.pad(jnp.swapaxes(x, 1, 2), ((0, 0), (0, 0), (0, padded - t), (0, 0)))
+             for x in (q, k, v))
+  segments = None
+  if padded != t:
+    # Real tokens are segment 1, padding 0; a query attends only to keys of its
+    # own segment, so no real query sees a padded key.
+    ids = jnp.broadcast_to((jnp.arange(padded) < t).astype(jnp.int32), (b, padded))
+    segments = fa.SegmentIds(q=ids, kv=ids)
+  if bias is not None:
+    bias = jnp.broadcast_to(bias.astype(jnp.float32), (b, h, t, t))
+    bias = jnp.pad(bias, ((0, 0), (0, 0), (0, padded - t), (0, padded - t)))
+  out = fa.flash_attention(q, k, v, ab=bias, segment_ids=segments, sm_scale=1.0)
+  return jnp.swapaxes(out[:, :, :t], 1, 2)
+
+
+def _sharded_flash(q, k, v, bias):
+  if not _KERNEL_MESH:
+    return _flash(q, k, v, bias)  # one device
+  mesh, axes = _KERNEL_MESH[-1]
+  split = P(axes)
+  if bias is None:
+    return jax.shard_map(lambda q, k, v: _flash(q, k, v, None), mesh=mesh,
+                         in_specs=(split,) * 3, out_specs=split, check_vma=False)(q, k, v)
+  bias_spec = P() if bias.shape[0] == 1 else split
+  return jax.shard_map(_flash, mesh=mesh, in_specs=(split,) * 3 + (bias_spec,),
+                       out_specs=split, check_vma=False)(q, k, v, bias)
+
+
+def attend(q, k, v, bias=None, impl: str | None = "xla"):
+  """softmax(q k^T / sqrt(d) + bias) v.
+
+  Args:
+    q, k, v: [B, T, heads, head_dim], the compute dtype.
+    bias: None or logits added before the softmax, [B or 1, heads, T, T].
+    impl: "xla", "" / None, "cudnn" or "pallas" (module docstring).
+
+  Returns:
+    [B, T, heads, head_dim].
+  """
+  if impl == "pallas":
+    if q.shape[1] >= FLASH_MIN_TOKENS:
+      return _sharded_flash(q, k, v, bias)
+    impl = "xla"
+  if impl == "xla":
+    return _xla(q, k, v, bias)
+  if bias is not None:
+    bias = bias.astype(q.dtype)
+  return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=impl or None)
