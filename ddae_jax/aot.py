@@ -4,6 +4,7 @@ r"""Compiles the real train step for a TPU slice on any machine; one JSON line p
   python -m ddae_jax.aot --config=configs/vitb.py --topology=v4-64
   python -m ddae_jax.aot --config=configs/vitl.py --topology=v4-128 --sweep
   python -m ddae_jax.aot --config=configs/finetune_vitb.py --binary=finetune --topology=v5e-64
+  python -m ddae_jax.aot --config=configs/vitb.py --topology=v5e-64 --block=pixel_decoder
 
 libtpu's compile-only devices stand in for the slice (jax.experimental.
 topologies), so `jax.jit(step).lower(abstract state, abstract batch).compile()`
@@ -17,8 +18,12 @@ spare; the compiler's FLOPs and bytes accessed per image (its cost model, not
 a measurement) against flops.py's analytic count; FLOP/byte against the chip's
 ridge point (peak FLOP/s / HBM bandwidth); the roofline lower bound on the
 step time, max(FLOPs / peak, bytes / bandwidth), and the upper bound on
-images/s/chip it implies; the collectives in the optimised HLO. `--sweep`
-doubles the per-chip batch until the step no longer fits.
+images/s/chip it implies; the collectives in the optimised HLO; the fusion
+floor (flops.floor_bytes_per_image) that no step of unfused products moves
+less than. `--sweep` doubles the per-chip batch until the step no longer fits;
+`--block=pixel_decoder` (encoder, momentum_encoder, distill_decoder) compiles
+one block of that part on one chip instead, in seconds rather than minutes,
+to try a change to the block before compiling the step.
 
 --topology takes gcloud accelerator names (v4-8 ... v4-4096 count cores, two
 per chip; v5litepod-N alias v5e-N, v5p-N (cores), v6e-N count chips) or a
@@ -50,7 +55,7 @@ from ml_collections import config_flags
 from ddae_jax import config_lib, finetune, flops, sharding
 from ddae_jax import train_step as ts
 from ddae_jax.evaluation import loop
-from ddae_jax.models.vit import VIT_SIZES
+from ddae_jax.models.vit import VIT_SIZES, Block
 from ddae_jax.objectives.masking import num_masked
 
 FLAGS = flags.FLAGS
@@ -365,8 +370,6 @@ def report(config, binary: str, s: Slice, devices, margin: float,
 def block_report(config, part: str, s: Slice, device) -> dict:
   """The compiler's count for one transformer block of `part` on one chip: the quick way to
   try a change to the block (attention_impl, dtype) before compiling the whole step."""
-  from ddae_jax.models.vit import Block  # the step's own block
-
   width, _, heads = config_lib.encoder_dims(config)
   grid = config_lib.grid_size(config)
   n = grid[0] * grid[1]
