@@ -7,7 +7,7 @@ r"""Quickstart finetune on the embedded digits, from the quickstart pretraining 
 Add --config.random_init=True for the randomly initialised baseline.
 """
 
-from ddae_jax import eval_config
+from ddae_jax.evaluation import config as eval_config
 
 VARIANTS, check = ("smoke",), eval_config.config_file_check
 get_config = eval_config.config_file("finetune", "tiny", base_variant="quickstart")

@@ -7,7 +7,7 @@ Variants: :quickstart (the embedded digits at the quickstart model), :smoke.
 Defaults and their sources: ddae_jax/eval_config.py.
 """
 
-from ddae_jax import eval_config
+from ddae_jax.evaluation import config as eval_config
 
 VARIANTS, check = tuple(eval_config.EVAL_VARIANTS), eval_config.config_file_check
 get_config = eval_config.config_file("finetune", "small")

@@ -7,7 +7,7 @@ r"""Quickstart knn on the embedded digits, from the quickstart pretraining run.
 Add --config.random_init=True for the randomly initialised baseline.
 """
 
-from ddae_jax import eval_config
+from ddae_jax.evaluation import config as eval_config
 
 VARIANTS, check = ("smoke",), eval_config.config_file_check
 get_config = eval_config.config_file("knn", "tiny", base_variant="quickstart")

@@ -7,7 +7,7 @@ r"""Quickstart linear_probe on the embedded digits, from the quickstart pretrain
 Add --config.random_init=True for the randomly initialised baseline.
 """
 
-from ddae_jax import eval_config
+from ddae_jax.evaluation import config as eval_config
 
 VARIANTS, check = ("smoke",), eval_config.config_file_check
 get_config = eval_config.config_file("linear_probe", "tiny", base_variant="quickstart")

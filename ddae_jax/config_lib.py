@@ -359,38 +359,38 @@ def learning_rate(config) -> float:
 
 
 # ----------------------------------------------------------------------- checks
-def _fail(field, value, allowed):
+def fail(field, value, allowed):
   raise ConfigError(f"config.{field} = {value!r} is invalid: allowed {allowed}")
 
 
-def _one_of(config, field, allowed):
+def one_of(config, field, allowed):
   value = config
   for part in field.split("."):
     value = value[part]
   if value not in allowed:
-    _fail(field, value, f"one of {tuple(allowed)}")
+    fail(field, value, f"one of {tuple(allowed)}")
 
 
 def check_patch_grid(m) -> None:
   """model.patch_size > 0 and model.image_size a multiple of it (pretraining and evaluation)."""
   if m.patch_size <= 0:
-    _fail("model.patch_size", m.patch_size, "a positive integer")
+    fail("model.patch_size", m.patch_size, "a positive integer")
   if m.image_size <= 0 or m.image_size % m.patch_size:
-    _fail("model.image_size", m.image_size,
+    fail("model.image_size", m.image_size,
           f"a positive multiple of model.patch_size = {m.patch_size}")
 
 
 def _validate_tokenizer(config):
   t = config.tokenizer
-  _one_of(config, "tokenizer.size", VIT_SIZES)
+  one_of(config, "tokenizer.size", VIT_SIZES)
   if t.patch_size != config.model.patch_size:
-    _fail("tokenizer.patch_size", t.patch_size,
+    fail("tokenizer.patch_size", t.patch_size,
           f"model.patch_size = {config.model.patch_size}: one token per student patch")
   for field in ("code_dim", "vocab_size"):
     if t[field] < 1:
-      _fail(f"tokenizer.{field}", t[field], "an integer >= 1")
+      fail(f"tokenizer.{field}", t[field], "an integer >= 1")
   if not (t.checkpoint or t.random_weights):
-    _fail("tokenizer.checkpoint", t.checkpoint,
+    fail("tokenizer.checkpoint", t.checkpoint,
           "the path of BEiT-v2's vqkd_encoder_base_decoder_3x768x12_clip-*.pth "
           "(or tokenizer.random_weights = True, for tests)")
 
@@ -398,10 +398,10 @@ def _validate_tokenizer(config):
 def _validate_cls_pt(config):
   depth = encoder_dims(config)[1]
   if not 0 <= config.cls_pt.early_block < depth:
-    _fail("cls_pt.early_block", config.cls_pt.early_block,
+    fail("cls_pt.early_block", config.cls_pt.early_block,
           f"0 (no class-token head) or a block in [1, {depth - 1}]")
   if config.cls_pt.early_block and config.cls_pt.head_depth < 1:
-    _fail("cls_pt.head_depth", config.cls_pt.head_depth, "an integer >= 1")
+    fail("cls_pt.head_depth", config.cls_pt.head_depth, "an integer >= 1")
 
 
 def validate(config, num_devices: int | None = None) -> None:
@@ -416,127 +416,127 @@ def validate(config, num_devices: int | None = None) -> None:
   """
   from ddae_jax import config_checks  # imports this module; types before ranges
   config_checks.check_types(config, base_config())
-  _one_of(config, "method", METHODS)
-  _one_of(config, "model.size", VIT_SIZES)
-  _one_of(config, "model.dtype", DTYPES)
-  _one_of(config, "model.attention_impl", ATTENTION_IMPLS)
-  _one_of(config, "model.feature_norm", FEATURE_NORMS)
-  _one_of(config, "model.pos_embed", POS_EMBEDS)
-  _one_of(config, "masking.kind", MASKINGS)
-  _one_of(config, "dds.normalizer", NORMALIZERS)
-  _one_of(config, "distill.target_norm", TARGET_NORMS)
-  _one_of(config, "pixel.norm_pix_stats", NORM_PIX_STATS)
-  _one_of(config, "ema.schedule", EMA_SCHEDULES)
-  _one_of(config, "data.source", SOURCES)
+  one_of(config, "method", METHODS)
+  one_of(config, "model.size", VIT_SIZES)
+  one_of(config, "model.dtype", DTYPES)
+  one_of(config, "model.attention_impl", ATTENTION_IMPLS)
+  one_of(config, "model.feature_norm", FEATURE_NORMS)
+  one_of(config, "model.pos_embed", POS_EMBEDS)
+  one_of(config, "masking.kind", MASKINGS)
+  one_of(config, "dds.normalizer", NORMALIZERS)
+  one_of(config, "distill.target_norm", TARGET_NORMS)
+  one_of(config, "pixel.norm_pix_stats", NORM_PIX_STATS)
+  one_of(config, "ema.schedule", EMA_SCHEDULES)
+  one_of(config, "data.source", SOURCES)
   if config.model.layer_scale < 0:
-    _fail("model.layer_scale", config.model.layer_scale, "0 (off) or a value > 0")
+    fail("model.layer_scale", config.model.layer_scale, "0 (off) or a value > 0")
   if not 0 <= config.data.color_jitter < 1:
-    _fail("data.color_jitter", config.data.color_jitter, "a value in [0, 1)")
+    fail("data.color_jitter", config.data.color_jitter, "a value in [0, 1)")
   lo, hi = config.data.crop_scale
   if not 0 < lo <= hi <= 1:
-    _fail("data.crop_scale", tuple(config.data.crop_scale), "(low, high) with 0 < low <= high <= 1")
+    fail("data.crop_scale", tuple(config.data.crop_scale), "(low, high) with 0 < low <= high <= 1")
   for field in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
                 "steps_in_flight"):
     if config[field] < 1:
-      _fail(field, config[field], "an integer >= 1")
+      fail(field, config[field], "an integer >= 1")
   if config.data.max_consecutive_failures < 1:
-    _fail("data.max_consecutive_failures", config.data.max_consecutive_failures,
+    fail("data.max_consecutive_failures", config.data.max_consecutive_failures,
           "an integer >= 1")
   check_patch_grid(config.model)
   if not 0.0 < config.masking.ratio < 1.0:
-    _fail("masking.ratio", config.masking.ratio, "a value in the open interval (0, 1)")
+    fail("masking.ratio", config.masking.ratio, "a value in the open interval (0, 1)")
   m = config.masking
   if m.min_patches < 1:
-    _fail("masking.min_patches", m.min_patches, "an integer >= 1")
+    fail("masking.min_patches", m.min_patches, "an integer >= 1")
   if m.max_patches != 0 and m.max_patches < m.min_patches:
-    _fail("masking.max_patches", m.max_patches,
+    fail("masking.max_patches", m.max_patches,
           f"0 (no bound) or an integer >= masking.min_patches = {m.min_patches}")
   if not 0.0 <= m.block_ratio <= m.ratio:
-    _fail("masking.block_ratio", m.block_ratio,
+    fail("masking.block_ratio", m.block_ratio,
           f"a value in [0, masking.ratio = {m.ratio}] (0: all masked patches by rectangles)")
   if config.method == "beitv2":
     _validate_tokenizer(config)
     _validate_cls_pt(config)
   elif not (config.pixel.enabled or config.distill.enabled):
-    _fail("pixel.enabled", config.pixel.enabled,
+    fail("pixel.enabled", config.pixel.enabled,
           "True, or distill.enabled = True: at least one branch must train")
 
   depth = encoder_dims(config)[1]
   k = config.dds.num_supervised
   if config.dds.deep_supervision and not config.dds.blocks:
     if k < 1 or depth % k:
-      _fail("dds.num_supervised", k, f"a divisor of the encoder depth {depth}, "
+      fail("dds.num_supervised", k, f"a divisor of the encoder depth {depth}, "
             "or explicit indices in dds.blocks")
   blocks = supervised_blocks(config)
   if (any(b < 1 or b > depth for b in blocks) or list(blocks) != sorted(set(blocks))):
-    _fail("dds.blocks", tuple(blocks),
+    fail("dds.blocks", tuple(blocks),
           f"distinct increasing block indices in [1, {depth}] (1-based)")
   if len(block_weights(config)) != len(blocks):
-    _fail("dds.block_weights", tuple(config.dds.block_weights),
+    fail("dds.block_weights", tuple(config.dds.block_weights),
           f"{len(blocks)} values, one per supervised block {blocks}, or () for the default")
   if np.asarray(config.dds.beta_init).size not in (1, len(blocks)):
-    _fail("dds.beta_init", tuple(config.dds.beta_init),
+    fail("dds.beta_init", tuple(config.dds.beta_init),
           f"one value or {len(blocks)} values, one per supervised block {blocks}")
   if config.dds.reg_weight < 0:
-    _fail("dds.reg_weight", config.dds.reg_weight, "a value >= 0")
+    fail("dds.reg_weight", config.dds.reg_weight, "a value >= 0")
   for field in ("pixel.decoder_width", "pixel.decoder_depth", "pixel.decoder_heads",
                 "distill.decoder_depth"):
     branch, name = field.split(".")
     if config[branch][name] < 1:
-      _fail(field, config[branch][name], "an integer >= 1")
+      fail(field, config[branch][name], "an integer >= 1")
   if config.pixel.decoder_width % config.pixel.decoder_heads:
-    _fail("pixel.decoder_heads", config.pixel.decoder_heads,
+    fail("pixel.decoder_heads", config.pixel.decoder_heads,
           f"a divisor of pixel.decoder_width = {config.pixel.decoder_width}")
 
   e = config.ema
   if not 0.0 <= e.momentum_end < 1.0:
-    _fail("ema.momentum_end", e.momentum_end, "a value in [0, 1)")
+    fail("ema.momentum_end", e.momentum_end, "a value in [0, 1)")
   if not 0.0 <= e.momentum_start <= e.momentum_end:
-    _fail("ema.momentum_start", e.momentum_start,
+    fail("ema.momentum_start", e.momentum_start,
           f"a value in [0, ema.momentum_end = {e.momentum_end}]")
   if e.schedule == "bootmae" and not e.momentum_start <= e.momentum_mid <= e.momentum_end:
-    _fail("ema.momentum_mid", e.momentum_mid,
+    fail("ema.momentum_mid", e.momentum_mid,
           f"a value in [ema.momentum_start = {e.momentum_start}, "
           f"ema.momentum_end = {e.momentum_end}]")
   for field in ("mid_epochs", "ramp_epochs"):
     if e[field] < 0:
-      _fail(f"ema.{field}", e[field], "a value >= 0")
+      fail(f"ema.{field}", e[field], "a value >= 0")
   if not 0.0 <= config.distill.weight_ramp <= 1.0:
-    _fail("distill.weight_ramp", config.distill.weight_ramp,
+    fail("distill.weight_ramp", config.distill.weight_ramp,
           "a fraction of the epochs in [0, 1] (0: weight 1 from the start)")
   o = config.optim
   if o.base_lr <= 0:
-    _fail("optim.base_lr", o.base_lr, "a value > 0")
+    fail("optim.base_lr", o.base_lr, "a value > 0")
   for name in ("b1", "b2"):
     if not 0 <= o[name] < 1:
-      _fail(f"optim.{name}", o[name], "a value in [0, 1)")
+      fail(f"optim.{name}", o[name], "a value in [0, 1)")
   if o.eps <= 0:
-    _fail("optim.eps", o.eps, "a value > 0")
+    fail("optim.eps", o.eps, "a value > 0")
   if o.weight_decay < 0:
-    _fail("optim.weight_decay", o.weight_decay, "a value >= 0")
+    fail("optim.weight_decay", o.weight_decay, "a value >= 0")
   if not 0 <= o.warmup_epochs <= config.epochs:
-    _fail("optim.warmup_epochs", o.warmup_epochs, f"a value in [0, epochs = {config.epochs}]")
+    fail("optim.warmup_epochs", o.warmup_epochs, f"a value in [0, epochs = {config.epochs}]")
   if config.epochs <= 0:
-    _fail("epochs", config.epochs, "a value > 0")
+    fail("epochs", config.epochs, "a value > 0")
   if config.batch_size < 1:
-    _fail("batch_size", config.batch_size, "an integer >= 1")
+    fail("batch_size", config.batch_size, "an integer >= 1")
 
   axes = dict(config.sharding.mesh)
   if set(axes) != {"data", "fsdp"}:
-    _fail("sharding.mesh", config.sharding.mesh, "axes ('data', n) and ('fsdp', n)")
+    fail("sharding.mesh", config.sharding.mesh, "axes ('data', n) and ('fsdp', n)")
   for pattern, spec in config.sharding.rules:
     try:
       re.compile(pattern)
     except re.error as err:
-      _fail("sharding.rules", pattern, f"a valid regular expression ({err})")
+      fail("sharding.rules", pattern, f"a valid regular expression ({err})")
     if spec not in ("replicate", "fsdp"):
-      _fail("sharding.rules", spec, "'replicate' or 'fsdp' for each rule")
+      fail("sharding.rules", spec, "'replicate' or 'fsdp' for each rule")
   if num_devices is not None:
     sizes = [s for s in axes.values() if s != -1]
     fixed = int(np.prod(sizes)) if sizes else 1
     if list(axes.values()).count(-1) > 1 or num_devices % fixed:
-      _fail("sharding.mesh", config.sharding.mesh,
+      fail("sharding.mesh", config.sharding.mesh,
             f"axis sizes whose product divides the {num_devices} devices, at most one -1")
     if config.batch_size % num_devices:
-      _fail("batch_size", config.batch_size,
+      fail("batch_size", config.batch_size,
             f"a multiple of the data-parallel size {num_devices} (data x fsdp devices)")

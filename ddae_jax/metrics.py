@@ -106,8 +106,8 @@ def tensorflow_available() -> bool:
   if os.environ.get("DDAE_NO_TENSORBOARD"):
     return False
   try:
-    import tensorflow  # noqa: F401
     import clu.metric_writers  # noqa: F401
+    import tensorflow  # noqa: F401
     return True
   except ImportError:
     return False

@@ -13,13 +13,13 @@ import math
 import time
 
 import jax
-import numpy as np
 from etils import epath
 
-from ddae_jax import (checkpoints, config_checks, config_lib, flops, metrics, pretrained,
-                      run_control, sharding)
+from ddae_jax import config_checks, config_lib, metrics, runtime, sharding
 from ddae_jax import train_step as ts
 from ddae_jax.data import pipeline, sources
+from ddae_jax.perf import flops
+from ddae_jax.weights import checkpoints, pretrained
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -101,15 +101,15 @@ def _train(config, workdir, init_dir, devices, ckpt) -> dict:
     writer.write_hparams(config.to_dict())
   flops_per_image = flops.train_flops_per_image(config)["total"]
   peak = flops.peak_tflops()
-  progress = run_control.progress_action(total_steps, writer)
-  preemption = run_control.Preemption()
+  progress = runtime.progress_action(total_steps, writer)
+  preemption = runtime.Preemption()
 
   # ------------------------------------------------------------------ loop
   logging.info("Training steps %d..%d, %d images per step on %d devices", start_step,
                total_steps, config.batch_size, len(devices))
   last, step = {}, start_step
   tick, tick_step = time.perf_counter(), start_step
-  in_flight = run_control.StepsInFlight(config.steps_in_flight, start_step)
+  in_flight = runtime.StepsInFlight(config.steps_in_flight, start_step)
   try:
     while step < total_steps:
       # Checked before each dispatch: after SIGTERM no new step reaches the

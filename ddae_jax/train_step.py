@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import optax
 
 from ddae_jax import config_lib, optim, sharding
-from ddae_jax.beitv2 import BEiTv2, host_tokenizer_matches
-from ddae_jax.model import DDAE, normalize_images
+from ddae_jax.methods.beitv2 import BEiTv2, host_tokenizer_matches
+from ddae_jax.methods.ddae import DDAE, normalize_images
 from ddae_jax.models import attention
 from ddae_jax.objectives.dynamic_weights import distance_map
 from ddae_jax.objectives.masking import mask_from_config

@@ -10,14 +10,15 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from ddae_jax import analyze, config_lib
+from ddae_jax import config_lib
 from ddae_jax.analysis import attention, beta, distance, reconstruction
-from ddae_jax.checkpoints import Checkpointer
-from ddae_jax.model import DDAE, normalize_images
+from ddae_jax.analysis import commands as analyze
+from ddae_jax.methods.ddae import DDAE, normalize_images
 from ddae_jax.models.vit import patchify
 from ddae_jax.objectives.ddae import pixel_targets
 from ddae_jax.objectives.dynamic_weights import distance_map
 from ddae_jax.objectives.masking import make_mask, num_masked
+from ddae_jax.weights.checkpoints import Checkpointer
 
 GRID, PATCH = (3, 4), 5
 

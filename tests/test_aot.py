@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from ddae_jax import aot
+from ddae_jax.perf import aot
 
 
 @pytest.mark.parametrize("name,topology,chips,hosts", [
@@ -134,7 +134,8 @@ ENTRY %main (p: bf16[8,64]) -> f32[8] {
 
 def test_attention_auto_follows_the_target_platform():
   """The default compiles everywhere: cuDNN only on GPUs in 16-bit, XLA elsewhere."""
-  from ddae_jax import config_lib, eval_config
+  from ddae_jax import config_lib
+  from ddae_jax.evaluation import config as eval_config
   c = config_lib.base_config()
   assert c.model.attention_impl == "auto" and c.model.dtype == "bfloat16"
   assert eval_config.finetune_config("base").model.attention_impl == "auto"

@@ -15,7 +15,7 @@ import pytest
 from scipy import ndimage
 
 from ddae_jax import config_lib, optim
-from ddae_jax.model import DDAE
+from ddae_jax.methods.ddae import DDAE
 from ddae_jax.models.decoder import decode_per_block
 from ddae_jax.objectives import ddae as objective
 from ddae_jax.objectives import masking

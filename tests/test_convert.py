@@ -11,14 +11,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import timm
-import timm.models.vision_transformer as timm_vit
+import timm.models.vision_transformer as vision_transformer
 import torch
 from safetensors.numpy import load_file, save_file
 from timm.layers import resample_abs_pos_embed
 
-from ddae_jax import config_lib, convert, pretrained, timm_weights
-from ddae_jax.model import DDAE
+from ddae_jax import config_lib
+from ddae_jax.methods.ddae import DDAE
 from ddae_jax.models.vit import VIT_SIZES, sincos_pos_embed
+from ddae_jax.weights import convert, pretrained, torch_vit
 
 WIDTH, DEPTH, HEADS = 64, 4, 4  # the "tiny" size
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,7 +35,7 @@ def _randomise(model, seed=0):
 
 
 def _timm(patch=8, size=32, **kw):
-  return _randomise(timm_vit.VisionTransformer(
+  return _randomise(vision_transformer.VisionTransformer(
       img_size=size, patch_size=patch, embed_dim=WIDTH, depth=DEPTH, num_heads=HEADS, **kw))
 
 
@@ -122,7 +123,7 @@ def test_export_loads_strictly_into_timm_with_the_same_features(pretraining_run,
   summary = convert.export_checkpoint(root, tmp_path / "vit.pth", "ema")
   assert summary["step"] == 3 and summary["dropped"] == ["feature_norm_1", "feature_norm_2",
                                                          "feature_norm_3"]
-  model = timm_vit.VisionTransformer(img_size=32, patch_size=4, embed_dim=WIDTH, depth=DEPTH,
+  model = vision_transformer.VisionTransformer(img_size=32, patch_size=4, embed_dim=WIDTH, depth=DEPTH,
                                      num_heads=HEADS, num_classes=0)
   model.load_state_dict(torch.load(tmp_path / "vit.pth", weights_only=True), strict=True)
   with torch.no_grad():
@@ -137,7 +138,7 @@ def test_mae_layouts_load_strictly_with_head_and_global_pool(pretraining_run, tm
   sd = load_file(str(tmp_path / "mae.safetensors"))
   assert "fc_norm.weight" in sd and "norm.weight" not in sd and not sd["head.weight"].any()
   # timm's global_pool="avg" has MAE models_vit's keys (fc_norm, no norm, head).
-  model = timm_vit.VisionTransformer(img_size=32, patch_size=4, embed_dim=WIDTH, depth=DEPTH,
+  model = vision_transformer.VisionTransformer(img_size=32, patch_size=4, embed_dim=WIDTH, depth=DEPTH,
                                      num_heads=HEADS, num_classes=10, global_pool="avg")
   model.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=True)
   with torch.no_grad():
@@ -175,14 +176,14 @@ def test_layout_names_and_shapes_are_timms_and_maes(name):
     pooled = timm.create_model(name, num_classes=1000, global_pool="avg")
   for model, layout, classes in ((plain, "timm", 0), (pooled, "mae_vit", 1000)):
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    assert timm_weights.timm_shapes(width, depth, 16, 196, layout, classes) == want
+    assert torch_vit.timm_shapes(width, depth, 16, 196, layout, classes) == want
 
 
 @pytest.mark.parametrize("old,new", [((4, 4), (6, 6)), ((14, 14), (24, 24)), ((6, 6), (3, 5))])
 def test_pos_embed_resampling_matches_timm(old, new):
   pos = np.random.default_rng(0).normal(size=(1, 1 + old[0] * old[1], 16)).astype(np.float32)
   want = resample_abs_pos_embed(torch.from_numpy(pos), list(new), list(old)).numpy()
-  got = timm_weights.resample_pos_embed(pos, new, old)
+  got = torch_vit.resample_pos_embed(pos, new, old)
   np.testing.assert_array_equal(got[:, 0], pos[:, 0])
   assert got.shape == want.shape and np.max(np.abs(got - want)) < 1e-5
 
@@ -285,7 +286,7 @@ def test_beit_student_exports_strictly_into_timms_beit_with_the_same_features(tm
   # The importer's inverse gives back the encoder (less the key bias, which attention ignores).
   sd = {k: v.numpy() for k, v in torch.load(tmp_path / "beit.pth", weights_only=True).items()
         if not k.startswith("head.")}
-  back = timm_weights.encoder_params_from_beit(sd, DEPTH)
+  back = torch_vit.encoder_params_from_beit(sd, DEPTH)
   qkv = params["block_0"]["attn"]["qkv"]["bias"]
   np.testing.assert_array_equal(back["block_0"]["attn"]["qkv"]["bias"],
                                 np.concatenate([qkv[:WIDTH], np.zeros(WIDTH), qkv[2 * WIDTH:]]))
@@ -298,4 +299,4 @@ def test_beit_layout_shapes_are_timms_beit_base():
     model = timm.create_model("beit_base_patch16_224", num_classes=1000)
   want = {k: tuple(v.shape) for k, v in model.state_dict().items()
           if not k.endswith("relative_position_index")}
-  assert timm_weights.beit_shapes(768, 12, 16, (14, 14), 12, 1000) == want
+  assert torch_vit.beit_shapes(768, 12, 16, (14, 14), 12, 1000) == want

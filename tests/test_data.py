@@ -97,6 +97,7 @@ def test_digits_is_real_and_labelled():
 
 def test_jsonl_writer_appends_locally_and_rewrites_on_object_stores(tmp_path):
   import json
+
   from ddae_jax.metrics import JsonlWriter
   for append in (True, False):
     workdir = tmp_path / f"append_{append}"

@@ -12,11 +12,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 import trainer_utils
-from ddae_jax import eval_config, finetune, knn, linear_probe, pretrained
-from ddae_jax.evaluation import classifier
+
+from ddae_jax.evaluation import classifier, finetune, knn, linear_probe
+from ddae_jax.evaluation import config as eval_config
 from ddae_jax.models.vit import sincos_pos_embed
+from ddae_jax.weights import pretrained
 
 IMAGE = 16
 

@@ -15,11 +15,10 @@ import optax
 import pytest
 from PIL import Image
 
-from ddae_jax import pretrained
-from ddae_jax.checkpoints import CheckpointMissing
-from ddae_jax.evaluation import classifier, common, input_pipeline, mixup, optimizers
-from ddae_jax.evaluation import randaugment
+from ddae_jax.evaluation import classifier, common, input_pipeline, mixup, optimizers, randaugment
 from ddae_jax.sharding import batch_sharding, make_mesh, path_str
+from ddae_jax.weights import pretrained
+from ddae_jax.weights.checkpoints import CheckpointMissing
 
 DEPTH = 3
 
@@ -223,7 +222,7 @@ def test_evaluation_counts_every_example_once_on_8_devices(n):
 
 
 def _tiny_config(**kw):
-  from ddae_jax import eval_config
+  from ddae_jax.evaluation import config as eval_config
   c = eval_config.quickstart(eval_config.knn_config("tiny"))
   c.update(kw)
   return c
@@ -250,7 +249,8 @@ def test_wrong_model_size_or_missing_workdir_is_named(tmp_path):
 
 
 def test_eval_configs_carry_the_papers_settings_and_name_bad_fields():
-  from ddae_jax import config_lib, eval_config
+  from ddae_jax import config_lib
+  from ddae_jax.evaluation import config as eval_config
   load = lambda name: eval_config.config_file(*name)()
   vitb, vits, vitl = (load(("finetune", s)) for s in ("base", "small", "large"))
   assert config_lib.learning_rate(vitb) == pytest.approx(8e-3)   # Appendix A, batch 1024

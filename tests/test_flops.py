@@ -4,10 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddae_jax import config_lib, flops
-from ddae_jax.model import DDAE
+from ddae_jax import config_lib
+from ddae_jax.methods.ddae import DDAE
 from ddae_jax.objectives.dynamic_weights import distance_map
 from ddae_jax.objectives.masking import make_mask
+from ddae_jax.perf import flops
 
 
 def _small_config():
@@ -64,6 +65,7 @@ def test_peak_table_knows_the_chips():
 
 def test_bench_prints_one_json_line_and_imports_no_tensorflow():
   import json
+
   import trainer_utils as tu
   cmd = [tu.sys.executable, "-m", "ddae_jax.bench", f"--config={tu.REPO}/configs/tiny.py",
          "--steps=3", "--warmup=1"]

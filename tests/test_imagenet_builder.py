@@ -13,9 +13,8 @@ import runpy
 import sys
 import time
 
-import pytest
-
 import mini_imagenet
+import pytest
 import trainer_utils as tu
 
 DEVICES = 1  # ViT-B at 224 px is the cost here: more fake devices only split two cores

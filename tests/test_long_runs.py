@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddae_jax import checkpoints, config_lib, pretrained, train
+from ddae_jax import config_lib, train
+from ddae_jax.weights import checkpoints, pretrained
 
 
 def _epochs(epochs):
@@ -89,6 +90,7 @@ def _prepared_tfds(data_dir, n=100):
 
 def test_tfds_resume_reads_at_most_one_epoch_however_far_the_run_got(tmp_path):
   import tensorflow as tf
+
   from ddae_jax.data import sources
   builder = _prepared_tfds(str(tmp_path / "tfds"))
 

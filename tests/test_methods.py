@@ -14,13 +14,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_objective import _mae_loss_numpy
 
-from ddae_jax import ablations, config_lib, flops, optim, sharding, sweep
+from ddae_jax import ablations, config_lib, optim, sharding, sweep
 from ddae_jax import train_step as ts
 from ddae_jax.models.decoder import decode_per_block
 from ddae_jax.objectives import dynamic_weights as dw
 from ddae_jax.objectives import masking
-from test_objective import _mae_loss_numpy
+from ddae_jax.perf import flops
 
 ROWS = sorted({arg for rows in ablations.TABLES.values() for _, arg, _ in rows})
 

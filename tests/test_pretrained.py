@@ -4,9 +4,10 @@ import jax
 import numpy as np
 import pytest
 
-from ddae_jax import config_lib, pretrained
-from ddae_jax.checkpoints import CheckpointMissing
+from ddae_jax import config_lib
 from ddae_jax.models.vit import ViTEncoder
+from ddae_jax.weights import pretrained
+from ddae_jax.weights.checkpoints import CheckpointMissing
 
 
 def _encoder_params(width=32, depth=2, pos_embed="sincos", seed=0):

@@ -3,13 +3,15 @@ preemption, bad input (issue 15)."""
 
 import json
 import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 import trainer_utils as tu
-from ddae_jax import checkpoints, config_checks, config_lib, pretrained, train
+
+from ddae_jax import config_checks, config_lib, train
+from ddae_jax.weights import checkpoints, pretrained
 
 
 def _small_state(width=4):
@@ -197,8 +199,8 @@ def test_smoke_run_logs_every_step_on_real_data(tmp_path):
 
 # ------------------------------------------------------------- 15.4
 def test_steps_in_flight_waits_on_the_step_depth_behind_and_counts_completed():
-  from ddae_jax import run_control
-  in_flight = run_control.StepsInFlight(depth=2, start_step=10)
+  from ddae_jax import runtime
+  in_flight = runtime.StepsInFlight(depth=2, start_step=10)
   advanced = [in_flight.push(s, {"loss": jnp.float32(s)}) for s in range(11, 16)]
   assert advanced == [False, False, True, True, True]
   assert in_flight.completed == 13  # 14 and 15 may still run
@@ -255,6 +257,7 @@ def _folder(root, per_class=3, good=True):
 
 def test_a_folder_where_nothing_decodes_stops_naming_it_and_each_file(tmp_path, caplog):
   import logging
+
   from ddae_jax import sharding
   from ddae_jax.data import pipeline, sources
   root = _folder(str(tmp_path / "bad"), good=False)

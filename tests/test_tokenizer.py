@@ -7,8 +7,8 @@ import pytest
 import torch
 from timm.models import beit
 
-from ddae_jax import tokenizer_weights as tw
 from ddae_jax.models.tokenizer import VQKDTokenizer, tokenizer_input
+from ddae_jax.weights import vqkd as tw
 
 WIDTH, DEPTH, HEADS, PATCH, SIZE, CODE, VOCAB = 32, 6, 2, 4, 16, 8, 64  # VIT_SIZES["tiny6"]
 DIMS = dict(width=WIDTH, depth=DEPTH, patch_size=PATCH, num_patches=(SIZE // PATCH) ** 2,
@@ -117,8 +117,8 @@ def test_mismatch_names_every_bad_tensor(checkpoint, tmp_path):
 
 def test_unsafe_pickles_are_refused(tmp_path):
   """weights_only=True: a file that would run code on load is rejected, not executed."""
-  import pickle
   import os
+  import pickle
 
   class Evil:
     def __reduce__(self):
@@ -132,6 +132,7 @@ def test_unsafe_pickles_are_refused(tmp_path):
 
 def test_missing_or_mismatched_checkpoint_fails_before_any_compute(checkpoint, monkeypatch):
   import runpy
+
   from ddae_jax import config_lib
   from ddae_jax import train_step as ts
   called = []

@@ -10,7 +10,6 @@ import time
 import jax
 import numpy as np
 import pytest
-
 import trainer_utils as tu
 
 OVERRIDES = ("--config.epochs=2", "--config.checkpoint_every_steps=4",

@@ -4,15 +4,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from timm.models import beit as beit_lib
-import timm.models.vision_transformer as timm_vit
+import timm.models.vision_transformer as vision_transformer
 import torch
+from timm.models import beit as beit_lib
 
-from ddae_jax import timm_weights
-from ddae_jax.models.vit import (ViTEncoder, patchify, relative_position_index,
-                                 sincos_pos_embed, unpatchify)
+from ddae_jax.models.vit import (
+  ViTEncoder,
+  patchify,
+  relative_position_index,
+  sincos_pos_embed,
+  unpatchify,
+)
 from ddae_jax.objectives import masking
+from ddae_jax.weights import torch_vit
 
 WIDTH, DEPTH, HEADS, PATCH, SIZE = 64, 4, 4, 4, 32
 GRID = (SIZE // PATCH, SIZE // PATCH)
@@ -21,7 +25,7 @@ GRID = (SIZE // PATCH, SIZE // PATCH)
 @pytest.fixture(scope="module")
 def timm_model():
   torch.manual_seed(0)
-  model = timm_vit.VisionTransformer(img_size=SIZE, patch_size=PATCH, embed_dim=WIDTH,
+  model = vision_transformer.VisionTransformer(img_size=SIZE, patch_size=PATCH, embed_dim=WIDTH,
                                      depth=DEPTH, num_heads=HEADS, num_classes=0)
   # timm's init leaves biases and norms at 0 / 1: randomise them too, so every
   # weight's layout is exercised.
@@ -36,7 +40,7 @@ def timm_model():
 
 def _ours(model):
   sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-  return timm_weights.encoder_params_from_timm(sd, DEPTH)
+  return torch_vit.encoder_params_from_timm(sd, DEPTH)
 
 
 def _images(seed=0, batch=3):
@@ -91,7 +95,7 @@ def test_visible_tokens_and_intermediate_blocks_match_timm(timm_model):
 
 def test_timm_export_roundtrip(timm_model):
   ours = _ours(timm_model)
-  back = timm_weights.encoder_params_to_timm(ours, DEPTH, PATCH, GRID)
+  back = torch_vit.encoder_params_to_timm(ours, DEPTH, PATCH, GRID)
   sd = timm_model.state_dict()
   assert set(back) == set(sd)
   for k, v in sd.items():
@@ -186,7 +190,7 @@ def test_rel_pos_bias_and_layer_scale_blocks_match_timm_beit(timm_beit, visible)
     mask = masking.random_mask(jax.random.PRNGKey(3), 3, GRID, 0.75)
     ids_keep, _ = masking.visible_and_masked_ids(mask, GRID[0] * GRID[1] // 4)
   sd = {k: v.detach().numpy() for k, v in timm_beit.state_dict().items()}
-  params = timm_weights.encoder_params_from_beit(sd, DEPTH)
+  params = torch_vit.encoder_params_from_beit(sd, DEPTH)
   out = _beit_encoder(feature_blocks=(1, 2, 3, 4), feature_norm="final").apply(
       {"params": params}, jnp.asarray(images), ids_keep)
   want = _timm_beit_blocks(timm_beit, images, ids_keep)

@@ -9,7 +9,6 @@ import sys
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-
 from conftest import FAST_COMPILE
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,8 +60,8 @@ def free_port() -> int:
 
 def load_state(workdir, step, config_overrides=None):
   """The checkpointed train state of `step` as NumPy arrays, on this process's device."""
-  from ddae_jax import checkpoints
   from ddae_jax import train_step as ts
+  from ddae_jax.weights import checkpoints
   config = runpy.run_path(os.path.join(REPO, "configs/tiny.py"))["get_config"]("")
   for key, value in (config_overrides or {}).items():
     section, _, name = key.rpartition(".")

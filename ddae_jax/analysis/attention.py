@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddae_jax.model import make_encoder
+from ddae_jax.methods.ddae import make_encoder
 from ddae_jax.models.vit import ViTEncoder
 
 

@@ -8,7 +8,6 @@ import numpy as np
 from ddae_jax.objectives.dynamic_weights import distance_map
 from ddae_jax.objectives.masking import make_mask
 
-
 # Jitted: run op by op, the blockwise mask's while loop costs seconds per ratio.
 _mask = jax.jit(lambda key, grid, ratio, kind: make_mask(key, 1, grid, ratio, kind),
                 static_argnums=(1, 2, 3))

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddae_jax.model import DDAE, IMAGENET_MEAN, IMAGENET_STD, normalize_images
+from ddae_jax.methods.ddae import DDAE, IMAGENET_MEAN, IMAGENET_STD, normalize_images
 from ddae_jax.models.decoder import decode_per_block
 from ddae_jax.models.vit import patchify, unpatchify
 from ddae_jax.objectives import ddae as objective

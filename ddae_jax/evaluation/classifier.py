@@ -22,8 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddae_jax import config_lib, pretrained, timm_weights
+from ddae_jax import config_lib
 from ddae_jax.models.vit import VIT_SIZES, ViTEncoder, sincos_pos_embed
+from ddae_jax.weights import pretrained, torch_vit
 
 
 class ViTClassifier(nn.Module):
@@ -135,6 +136,6 @@ def encoder_for_classifier(found: dict, expected: dict, image_size: int,
   elif "pos_embed" in expected and np.shape(params["pos_embed"]) != expected["pos_embed"].shape:
     pos = np.asarray(params["pos_embed"])
     if pos.ndim == 3 and pos.shape[-1] == expected["pos_embed"].shape[-1]:
-      params["pos_embed"] = timm_weights.resample_pos_embed(pos, grid)
+      params["pos_embed"] = torch_vit.resample_pos_embed(pos, grid)
   pretrained.check_encoder(params, expected, what=where)
   return params

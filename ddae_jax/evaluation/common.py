@@ -16,8 +16,9 @@ import numpy as np
 import optax
 from etils import epath
 
-from ddae_jax import checkpoints, config_lib, eval_config, pretrained
+from ddae_jax import config_lib
 from ddae_jax.evaluation import classifier
+from ddae_jax.weights import checkpoints, pretrained
 
 
 def restore_encoder(config, expected: dict, image_size: int, patch_size: int) -> dict | None:
@@ -95,36 +96,3 @@ def write_results(workdir, results: dict) -> None:
     path = epath.Path(workdir)
     path.mkdir(parents=True, exist_ok=True)
     (path / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True))
-
-
-# --------------------------------------------------------------------- binaries
-USER_ERRORS = (config_lib.ConfigError, checkpoints.CheckpointMissing,
-               pretrained.CheckpointMismatch)
-
-
-def run_binary(run_fn):
-  """absl main of an evaluation binary: `run_fn(config, workdir)` with user errors -> exit.
-
-  Reuses the pretraining binary's flags (--config, --workdir, multi-process
-  flags); --init_dir, when given, overrides config.init_dir.
-  """
-  from absl import app
-
-  from ddae_jax import main as cli
-  from ddae_jax.data.sources import DatasetMissing
-
-  def main(argv):
-    del argv
-    cli._maybe_initialize_distributed()
-    config = cli.FLAGS.config
-    if cli.FLAGS.init_dir:
-      with config.unlocked():
-        config.init_dir = cli.FLAGS.init_dir
-    try:
-      eval_config.check(config, num_devices=jax.device_count(),
-                        require_init_dir=not config.random_init)
-      run_fn(config, cli.FLAGS.workdir)
-    except USER_ERRORS + (DatasetMissing,) as err:
-      raise SystemExit(f"error: {err}") from None
-
-  app.run(main)

@@ -15,10 +15,11 @@ import time
 import jax
 from etils import epath
 
-from ddae_jax import (checkpoints, config_lib, eval_config, metrics, run_control, sharding,
-                      train)
+from ddae_jax import config_lib, metrics, runtime, sharding, train
 from ddae_jax.data import pipeline, sources
 from ddae_jax.evaluation import common, input_pipeline
+from ddae_jax.evaluation import config as eval_config
+from ddae_jax.weights import checkpoints
 
 
 def setup(config, devices=None):
@@ -92,9 +93,9 @@ def fit(config, workdir, state, state_shardings, step_fn, evaluate_fn, make_load
   writer = metrics.create_writer(str(workdir))
   if step == 0:
     writer.write_hparams(config.to_dict())
-  progress = run_control.progress_action(total_steps, writer)
-  preemption = run_control.Preemption()
-  in_flight = run_control.StepsInFlight(config.steps_in_flight, step)
+  progress = runtime.progress_action(total_steps, writer)
+  preemption = runtime.Preemption()
+  in_flight = runtime.StepsInFlight(config.steps_in_flight, step)
   results = {}
   logging.info("%s: steps %d..%d, %d images per step", config.protocol, step, total_steps,
                config.batch_size)

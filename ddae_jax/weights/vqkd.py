@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ddae_jax import timm_weights
+from ddae_jax.weights import torch_vit
 
 # Tokenizer-training state we neither need nor export.
 SKIPPED_PREFIXES = ("decoder.", "decode_task_layer.", "teacher_model.", "scaling_layer.",
@@ -97,12 +97,12 @@ def params_from_torch(sd: dict, depth: int) -> dict:
     enc[f"{b}.qkv.bias"] = np.concatenate(
         [enc[f"{b}.q_bias"], np.zeros_like(enc[f"{b}.q_bias"]), enc[f"{b}.v_bias"]])
   enc["norm.weight"], enc["norm.bias"] = enc["fc_norm.weight"], enc["fc_norm.bias"]
-  encoder = timm_weights.encoder_params_from_timm(enc, depth)
+  encoder = torch_vit.encoder_params_from_timm(enc, depth)
   encoder["pos_embed"] = enc["pos_embed"]
   return {
       "encoder": encoder,
-      "encode_task_layer_0": timm_weights.dense_from_linear(sd, "encode_task_layer.0"),
-      "encode_task_layer_2": timm_weights.dense_from_linear(sd, "encode_task_layer.2"),
+      "encode_task_layer_0": torch_vit.dense_from_linear(sd, "encode_task_layer.0"),
+      "encode_task_layer_2": torch_vit.dense_from_linear(sd, "encode_task_layer.2"),
       "codebook": np.asarray(sd["quantize.embedding.weight"]),
   }
 
@@ -111,7 +111,7 @@ def params_to_torch(params: dict, depth: int, patch_size: int) -> dict[str, np.n
   """The inverse of `params_from_torch`: the state dict entries it reads."""
   enc = params["encoder"]
   width = np.shape(enc["patch_embed"]["kernel"])[1]
-  timm_sd = timm_weights.encoder_params_to_timm(enc, depth, patch_size, (1, 1))
+  timm_sd = torch_vit.encoder_params_to_timm(enc, depth, patch_size, (1, 1))
   timm_sd["pos_embed"] = np.asarray(enc["pos_embed"])
   timm_sd["fc_norm.weight"] = timm_sd.pop("norm.weight")
   timm_sd["fc_norm.bias"] = timm_sd.pop("norm.bias")

@@ -20,14 +20,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddae_jax import config_lib, tokenizer_weights
-from ddae_jax.model import make_encoder
+from ddae_jax import config_lib
+from ddae_jax.methods.ddae import make_encoder
 from ddae_jax.models.tokenizer import VQKDTokenizer, tokenizer_input
 from ddae_jax.models.vit import VIT_SIZES, Block, layer_norm
 from ddae_jax.objectives import beitv2 as objective
 from ddae_jax.objectives import ddae as ddae_objective
 from ddae_jax.objectives.dynamic_weights import loss_weights, weight_l2_norm
 from ddae_jax.objectives.masking import num_masked
+from ddae_jax.weights import vqkd
 
 
 class BEiTv2:
@@ -86,10 +87,10 @@ class BEiTv2:
     t = self.config.tokenizer
     tw, td, _ = VIT_SIZES[t.size]
     try:
-      return tokenizer_weights.load_tokenizer_params(
+      return vqkd.load_tokenizer_params(
           t.checkpoint, width=tw, depth=td, patch_size=t.patch_size,
           num_patches=self.num_patches, code_dim=t.code_dim, vocab_size=t.vocab_size)
-    except (OSError, tokenizer_weights.TokenizerMismatch) as err:
+    except (OSError, vqkd.TokenizerMismatch) as err:
       raise config_lib.ConfigError(
           f"config.tokenizer.checkpoint = {t.checkpoint!r} is unusable: {err}\n"
           "Download BEiT-v2's vqkd_encoder_base_decoder_3x768x12_clip-d93179da.pth "
@@ -197,6 +198,6 @@ def host_tokenizer_matches(loaded: dict, abstract: dict) -> None:
   a, b = flat(loaded), flat(abstract)
   if a != b:
     diff = sorted(set(a.items()) ^ set(b.items()))
-    raise tokenizer_weights.TokenizerMismatch(
+    raise vqkd.TokenizerMismatch(
         "converted tokenizer parameters differ from the model's: " + ", ".join(
             f"{k} {v}" for k, v in diff[:20]))

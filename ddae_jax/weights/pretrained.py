@@ -19,7 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from ddae_jax.checkpoints import CheckpointMissing
+from ddae_jax.weights.checkpoints import CheckpointMissing
 
 ENCODERS = ("online", "ema")
 

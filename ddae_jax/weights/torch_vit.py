@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddae_jax.models.vit import sincos_pos_embed
-from ddae_jax.pretrained import CheckpointMismatch
+from ddae_jax.weights.pretrained import CheckpointMismatch
 
 LAYOUTS = ("timm", "mae_vit", "mae_pretrain", "beit")
 _LINEARS = (("attn", "qkv", 3), ("attn", "proj", 1), ("mlp", "fc1", 4), ("mlp", "fc2", 1))

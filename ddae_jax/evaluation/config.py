@@ -17,10 +17,10 @@ from __future__ import annotations
 import ml_collections
 
 from ddae_jax import config_lib
-from ddae_jax.config_lib import ConfigError, _fail, _one_of
+from ddae_jax.config_lib import ConfigError, fail, one_of  # noqa: F401 (ConfigError: re-exported)
 from ddae_jax.data.sources import SOURCES
 from ddae_jax.models.vit import VIT_SIZES
-from ddae_jax.pretrained import ENCODERS
+from ddae_jax.weights.pretrained import ENCODERS
 
 POOLINGS = ("avg", "cls")
 PROTOCOLS = ("finetune", "linear_probe", "knn")
@@ -206,34 +206,34 @@ def _positive(config, field, integer=False):
   for part in field.split("."):
     value = value[part]
   if value <= 0 or (integer and int(value) != value):
-    _fail(field, value, "an integer >= 1" if integer else "a value > 0")
+    fail(field, value, "an integer >= 1" if integer else "a value > 0")
 
 
 def check(config, num_devices: int | None = None, require_init_dir: bool = False) -> None:
   """Validates an evaluation config; raises ConfigError naming field and allowed values."""
-  _one_of(config, "protocol", PROTOCOLS)
-  _one_of(config, "encoder", ENCODERS)
-  _one_of(config, "model.size", VIT_SIZES)
-  _one_of(config, "model.dtype", config_lib.DTYPES)
-  _one_of(config, "model.attention_impl", config_lib.EVAL_ATTENTION_IMPLS)
-  _one_of(config, "model.pooling", POOLINGS)
-  _one_of(config, "data.source", SOURCES)
+  one_of(config, "protocol", PROTOCOLS)
+  one_of(config, "encoder", ENCODERS)
+  one_of(config, "model.size", VIT_SIZES)
+  one_of(config, "model.dtype", config_lib.DTYPES)
+  one_of(config, "model.attention_impl", config_lib.EVAL_ATTENTION_IMPLS)
+  one_of(config, "model.pooling", POOLINGS)
+  one_of(config, "data.source", SOURCES)
   if require_init_dir and not config.init_dir:
-    _fail("init_dir", config.init_dir, "a pretraining workdir (--config.init_dir=DIR)")
+    fail("init_dir", config.init_dir, "a pretraining workdir (--config.init_dir=DIR)")
   m = config.model
   config_lib.check_patch_grid(m)
   if m.num_classes < 2:
-    _fail("model.num_classes", m.num_classes, "an integer >= 2")
+    fail("model.num_classes", m.num_classes, "an integer >= 2")
   if not 0 < config.data.crop_ratio <= 1:
-    _fail("data.crop_ratio", config.data.crop_ratio, "a value in (0, 1]")
+    fail("data.crop_ratio", config.data.crop_ratio, "a value in (0, 1]")
   lo, hi = config.data.crop_scale
   if not 0 < lo <= hi <= 1:
-    _fail("data.crop_scale", tuple(config.data.crop_scale),
+    fail("data.crop_scale", tuple(config.data.crop_scale),
           "(low, high) with 0 < low <= high <= 1")
   for field in ("batch_size", "eval_batch_size"):
     _positive(config, field, integer=True)
     if num_devices is not None and config[field] % num_devices:
-      _fail(field, config[field], f"a multiple of the {num_devices} devices")
+      fail(field, config[field], f"a multiple of the {num_devices} devices")
   if config.protocol == "knn":
     _positive(config, "knn.k", integer=True)
     _positive(config, "knn.temperature")
@@ -241,7 +241,7 @@ def check(config, num_devices: int | None = None, require_init_dir: bool = False
     _check_training(config)
   axes = dict(config.sharding.mesh)
   if set(axes) != {"data", "fsdp"}:
-    _fail("sharding.mesh", config.sharding.mesh, "axes ('data', n) and ('fsdp', n)")
+    fail("sharding.mesh", config.sharding.mesh, "axes ('data', n) and ('fsdp', n)")
 
 
 def _check_training(config):
@@ -251,30 +251,30 @@ def _check_training(config):
     _positive(config, field, integer=True)
   o = config.optim
   if not 0 <= o.warmup_epochs <= config.epochs:
-    _fail("optim.warmup_epochs", o.warmup_epochs, f"a value in [0, epochs = {config.epochs}]")
+    fail("optim.warmup_epochs", o.warmup_epochs, f"a value in [0, epochs = {config.epochs}]")
   if o.weight_decay < 0:
-    _fail("optim.weight_decay", o.weight_decay, "a value >= 0")
+    fail("optim.weight_decay", o.weight_decay, "a value >= 0")
   if config.protocol == "linear_probe":
     if not 0 <= o.momentum < 1:
-      _fail("optim.momentum", o.momentum, "a value in [0, 1)")
+      fail("optim.momentum", o.momentum, "a value in [0, 1)")
     return
   if not 0 < o.layer_decay <= 1:
-    _fail("optim.layer_decay", o.layer_decay, "a value in (0, 1]")
+    fail("optim.layer_decay", o.layer_decay, "a value in (0, 1]")
   if not 0 <= config.model.drop_path < 1:
-    _fail("model.drop_path", config.model.drop_path, "a value in [0, 1)")
+    fail("model.drop_path", config.model.drop_path, "a value in [0, 1)")
   a = config.aug
   if not 0 <= a.randaug_magnitude <= 10:
-    _fail("aug.randaug_magnitude", a.randaug_magnitude, "a value in [0, 10] (timm's levels)")
+    fail("aug.randaug_magnitude", a.randaug_magnitude, "a value in [0, 10] (timm's levels)")
   if a.randaug_ops < 0:
-    _fail("aug.randaug_ops", a.randaug_ops, "an integer >= 0")
+    fail("aug.randaug_ops", a.randaug_ops, "an integer >= 0")
   for field in ("reprob", "mix_prob", "switch_prob", "label_smoothing"):
     if not 0 <= a[field] <= 1:
-      _fail(f"aug.{field}", a[field], "a value in [0, 1]")
+      fail(f"aug.{field}", a[field], "a value in [0, 1]")
   for field in ("mixup", "cutmix"):
     if a[field] < 0:
-      _fail(f"aug.{field}", a[field], "a value >= 0 (0 disables)")
+      fail(f"aug.{field}", a[field], "a value >= 0 (0 disables)")
   if (a.mixup > 0 or a.cutmix > 0) and config.batch_size % 2:
-    _fail("batch_size", config.batch_size, "an even number (mixup pairs the batch reversed)")
+    fail("batch_size", config.batch_size, "an even number (mixup pairs the batch reversed)")
 
 
 def config_file_check(config) -> None:

@@ -1,0 +1,120 @@
+"""Fine-tunes a pretrained encoder end to end (the BEiT/MAE protocol of Appendix A).
+
+AdamW with layer-wise lr decay, drop path, RandAugment, random erasing,
+mixup/cutmix with label smoothing; evaluation on centre crops. Rerunning the
+command resumes from the workdir's latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from ddae_jax import config_lib, sharding
+from ddae_jax.evaluation import classifier, common, input_pipeline, loop, mixup, optimizers
+from ddae_jax.methods.ddae import normalize_images
+from ddae_jax.models.vit import VIT_SIZES
+
+
+def make_optimizer(config, params, num_images: int | None = None
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """(AdamW with BEiT's layer-wise decay, its lr schedule: warm-up to base_lr * batch / 256,
+  then cosine to min_lr); epochs count `num_images` (None: config.num_train_images)."""
+  o = config.optim
+  schedule = optimizers.warmup_cosine(
+      config_lib.learning_rate(config),
+      config_lib.epochs_to_steps(config, o.warmup_epochs, num_images),
+      config_lib.total_steps(config, num_images), o.min_lr)
+  depth = VIT_SIZES[config.model.size][1]
+  return optimizers.adamw_layer_decay(schedule, params, depth, o.layer_decay, o.weight_decay,
+                                      o.b1, o.b2, o.grad_clip_norm), schedule
+
+
+def train_step(model, tx, schedule, config, state, batch):
+  """One step on {"image": uint8[B, S, S, 3], "label": int32[B], "erase": int32[B, 4]}."""
+  a = config.aug
+  step = state["step"]
+  k_erase, k_mix, k_drop = jax.random.split(jax.random.fold_in(state["rng"], step), 3)
+  images = mixup.apply_erasing(k_erase, normalize_images(batch["image"]), batch["erase"])
+  images, targets, _ = mixup.mix_batch(k_mix, images, batch["label"], config.model.num_classes,
+                                       a.mixup, a.cutmix, a.mix_prob, a.switch_prob,
+                                       a.label_smoothing)
+
+  def loss_fn(params):
+    logits = model.apply({"params": params}, images, deterministic=False,
+                         rngs={"dropout": k_drop})
+    return optax.softmax_cross_entropy(logits, targets).mean()
+
+  loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  new_state = dict(state, step=step + 1, params=params, opt_state=opt_state)
+  return new_state, {"loss": loss, "learning_rate": schedule(step),
+                     "grad_norm": optax.tree.norm(grads)}
+
+
+def eval_step(model, params, batch) -> dict:
+  logits = model.apply({"params": params}, normalize_images(batch["image"]))
+  return common.classification_sums(logits, batch["label"], batch["mask"])
+
+
+def make_step(config, mesh, batch_spec, num_train_images: int | None = None) -> dict:
+  """The classifier, its state's init function, shapes and shardings, and the jitted
+  train step; nothing is placed on devices (ddae_jax/aot.py compiles from this).
+
+  Returns:
+    dict with model, init_state(rng, encoder_params or None), abstract (the
+    state's ShapeDtypeStruct tree), shardings, step.
+  """
+  model = classifier.classifier_from_config(config)
+  size = config.model.image_size
+  init_params = lambda rng: model.init({"params": rng}, jnp.zeros((1, size, size, 3)))["params"]
+  abstract_params = jax.eval_shape(init_params, jax.random.PRNGKey(0))
+  tx, schedule = make_optimizer(config, abstract_params, num_train_images)
+
+  def init_state(rng, encoder_params):
+    param_rng, step_rng = jax.random.split(rng)
+    params = init_params(param_rng)
+    if encoder_params is not None:
+      params = dict(params, encoder=encoder_params)
+    return {"step": jnp.zeros((), jnp.int32), "params": params,
+            "opt_state": tx.init(params), "rng": step_rng}
+
+  # A restored encoder has the shapes of a fresh one, so the layout is the same.
+  abstract = jax.eval_shape(init_state, jax.random.PRNGKey(config.seed), None)
+  shardings = sharding.state_shardings(abstract, mesh, config.sharding.rules)
+  step = jax.jit(functools.partial(train_step, model, tx, schedule, config),
+                 in_shardings=(shardings, batch_spec),
+                 out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+  return {"model": model, "init_state": init_state, "abstract": abstract,
+          "shardings": shardings, "step": step}
+
+
+def build(config, devices=None, num_train_images: int | None = None):
+  """Mesh, model, state (pretrained encoder inside), jitted train and eval steps.
+
+  Returns:
+    dict with mesh, model, state, shardings, step, eval_step.
+  """
+  mesh, batch_spec = loop.setup(config, devices)
+  parts = make_step(config, mesh, batch_spec, num_train_images)
+  model, shardings = parts["model"], parts["shardings"]
+  encoder = common.restore_encoder(config, parts["abstract"]["params"]["encoder"],
+                                   config.model.image_size, config.model.patch_size)
+  state = jax.jit(parts["init_state"], out_shardings=shardings)(
+      jax.random.PRNGKey(config.seed), encoder)
+  evaluate = jax.jit(functools.partial(eval_step, model),
+                     in_shardings=(shardings["params"], batch_spec),
+                     out_shardings=sharding.replicated(mesh))
+  return {"mesh": mesh, "model": model, "state": state, "shardings": shardings,
+          "step": parts["step"], "eval_step": lambda s, b: evaluate(s["params"], b),
+          "batch_sharding": batch_spec}
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Fine-tunes until config.epochs; returns the final validation top1, top5, loss, count."""
+  return loop.run(config, workdir, build, input_pipeline.finetune_view)
+

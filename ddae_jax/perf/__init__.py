@@ -1,0 +1,1 @@
+"""Measuring the step: analytic FLOPs, TPU compiler reports, step and input timings."""

@@ -1,0 +1,463 @@
+"""Compiles the real train step for a TPU slice on any machine; one JSON line per compile.
+
+libtpu's compile-only devices stand in for the slice (jax.experimental.
+topologies), so `jax.jit(step).lower(abstract state, abstract batch).compile()`
+runs the TPU compiler ahead of time with the run's own mesh, sharding rules
+and batch, as MaxText's train_compile.py checks a model against a pod before
+renting it. Nothing is allocated: the state is ShapeDtypeStructs.
+
+The line reports, per chip: the compiled step's arguments, outputs and
+temporaries against the chip's HBM and whether they fit with --margin to
+spare; the compiler's FLOPs and bytes accessed per image (its cost model, not
+a measurement) against flops.py's analytic count; FLOP/byte against the chip's
+ridge point (peak FLOP/s / HBM bandwidth); the roofline lower bound on the
+step time, max(FLOPs / peak, bytes / bandwidth), and the upper bound on
+images/s/chip it implies; the collectives in the optimised HLO; the fusion
+floor (flops.floor_bytes_per_image) that no step of unfused products moves
+less than. `--sweep` doubles the per-chip batch until the step no longer fits;
+`--block=pixel_decoder` (encoder, momentum_encoder, distill_decoder) compiles
+one block of that part on one chip instead, in seconds rather than minutes,
+to try a change to the block before compiling the step.
+
+--topology takes gcloud accelerator names (v4-8 ... v4-4096 count cores, two
+per chip; v5litepod-N alias v5e-N, v5p-N (cores), v6e-N count chips) or a
+libtpu topology name such as v5e:2x2 or v4:2x2x1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+import os
+import re
+import time
+
+# The compile-only TPU devices come from libtpu; the host's own backend (for
+# the init key) stays the CPU, so an installed libtpu never probes for a TPU.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# libtpu takes a machine-wide lock for the TPU it drives; compiling drives none,
+# so compiles may run side by side (and beside a training run on a TPU VM).
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+from ml_collections import config_flags
+
+from ddae_jax import config_lib, sharding
+from ddae_jax import train_step as ts
+from ddae_jax.evaluation import finetune, loop
+from ddae_jax.models.vit import VIT_SIZES, Block
+from ddae_jax.objectives.masking import num_masked
+from ddae_jax.perf import flops
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Pretraining or fine-tuning config file.",
+                                lock_config=False)
+flags.DEFINE_string("topology", "v5e-4", "TPU slice: gcloud accelerator name or libtpu "
+                    "topology (v5e:2x2).")
+flags.DEFINE_enum("binary", "main", ["main", "finetune"],
+                  "Which step: pretraining (ddae_jax.main) or fine-tuning (ddae_jax.finetune).")
+flags.DEFINE_bool("sweep", False, "Double the per-chip batch until it no longer fits; "
+                  "report the largest that does.")
+flags.DEFINE_bool("breakdown", False, "Add gb_per_image_by_scope: where the bytes accessed go.")
+flags.DEFINE_enum("block", None, ["encoder", "momentum_encoder", "pixel_decoder",
+                                   "distill_decoder"],
+                  "Compile one block of that part (fwd + bwd; the momentum encoder fwd) on one "
+                  "chip instead of the step, at the config's per-chip batch (x K for decoders).")
+flags.DEFINE_float("margin", 0.1, "Fraction of HBM to keep free for fits=true (the runtime, "
+                   "fragmentation and the input pipeline's buffers need some).")
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """A TPU generation: its libtpu topology prefix and data-sheet figures per chip
+  (the peak FLOP/s are flops.PEAK_TFLOPS's, by the devices' kind)."""
+  topology_prefix: str  # "v4" -> "v4:2x2x1"
+  cores_in_name: bool   # gcloud's v4-N / v5p-N count TensorCores, two per chip
+  hbm_gib: float
+  hbm_gbps: float       # HBM bandwidth, GB/s
+  three_d: bool         # 3-D torus (v4, v5p) or 2-D (v5e, v6e)
+
+
+# Google's system-architecture pages (cloud.google.com/tpu/docs/v4, v5e, v5p, v6e).
+CHIPS = {
+    "v4": Chip("v4", True, 32, 1228, True),
+    "v5p": Chip("v5", True, 95, 2765, True),
+    "v5e": Chip("v5e", False, 16, 819, False),
+    "v6e": Chip("v6e", False, 32, 1640, False),
+}
+# Chips -> torus shape, as gcloud lays out the standard slices (MaxText's table).
+SHAPES_3D = {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4, 4),
+             128: (4, 4, 8), 192: (4, 4, 12), 256: (4, 8, 8), 512: (8, 8, 8),
+             1024: (8, 8, 16), 2048: (8, 16, 16)}
+SHAPES_2D = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8),
+             128: (8, 16), 256: (16, 16)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Slice:
+  name: str           # as given
+  generation: str     # key of CHIPS
+  topology: str       # libtpu name, e.g. "v4:2x4x4"
+  chips: int
+  hosts: int
+  chips_per_host: tuple
+  wrap: tuple
+
+
+def parse_slice(name: str) -> Slice:
+  """A gcloud accelerator name (v4-64, v5litepod-16, v5e-64, v5p-8, v6e-8) or a libtpu
+  topology name (v5e:2x2, v4:2x2x1) -> its generation, torus shape, chips and hosts."""
+  if ":" in name:
+    prefix, dims = name.split(":")
+    generation = {c.topology_prefix: g for g, c in CHIPS.items()}.get(prefix)
+    shape = tuple(int(d) for d in dims.split("x"))
+    if generation is None or len(shape) != (3 if CHIPS[generation].three_d else 2):
+      raise ValueError(f"--topology={name!r}: expected e.g. v5e:2x2, v6e:4x4, v4:2x2x1, "
+                       "v5:2x2x2 (2-D for v5e and v6e, 3-D for v4 and v5p)")
+    chips = int(np.prod(shape))
+  else:
+    match = re.fullmatch(r"(v4|v5p|v5e|v5litepod|v6e)-(\d+)", name)
+    if not match:
+      raise ValueError(f"--topology={name!r}: expected e.g. v4-64, v5litepod-64, v5p-128, "
+                       "v6e-8, or a libtpu name such as v5e:2x2")
+    generation = "v5e" if match[1] == "v5litepod" else match[1]
+    count = int(match[2])
+    chips = count // 2 if CHIPS[generation].cores_in_name else count
+    table = SHAPES_3D if CHIPS[generation].three_d else SHAPES_2D
+    if chips not in table:
+      raise ValueError(f"--topology={name!r}: {chips} chips; known slices have "
+                       f"{sorted(table)} chips")
+    shape = table[chips]
+  chip = CHIPS[generation]
+  if chip.three_d:
+    per_host = (2, 2, 1) if chips >= 4 else shape
+    # Slices of 64 chips and more are full tori (wraparound links on every axis).
+    wrap = (chips >= 64,) * 3
+  else:
+    # One host holds up to 8 v5e/v6e chips (a v5litepod-8 is one VM); pods use 4 per host.
+    per_host = (shape[0], shape[1], 1) if chips <= 8 else (2, 2, 1)
+    wrap = tuple(d >= 16 for d in shape) + (False,)
+  shape_name = "x".join(str(d) for d in shape)
+  return Slice(name, generation, f"{chip.topology_prefix}:{shape_name}", chips,
+               chips // int(np.prod(per_host)), per_host, wrap)
+
+
+def slice_devices(s: Slice) -> list:
+  """Compile-only devices of the slice (needs libtpu, not a TPU)."""
+  from jax.experimental import topologies
+  megacore = "megacore" if CHIPS[s.generation].cores_in_name else "default"
+  topo = topologies.get_topology_desc(
+      s.topology, "tpu", chip_config_name=megacore, chips_per_host_bounds=s.chips_per_host,
+      num_slices=1, wrap=s.wrap)
+  return list(topo.devices)
+
+
+def _abstract(tree, shardings):
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      tree, shardings)
+
+
+def lower_step(config, binary: str, devices):
+  """(The run's jitted step lowered for `devices` with abstract state and batch, the mesh).
+
+  The model's attention follows the target platform (config_lib.attention_impl),
+  not the host's.
+  """
+  platform = devices[0].platform
+  with config.unlocked():
+    config.model.attention_impl = config_lib.attention_impl(config.model, platform) or ""
+  size, batch = config.model.image_size, config.batch_size
+  if binary == "finetune":
+    with config.unlocked():
+      config.random_init = True  # no checkpoint is read; the step is the same
+    mesh, batch_spec = loop.setup(config, devices)
+    parts = finetune.make_step(config, mesh, batch_spec)
+    abstract, shardings, step = parts["abstract"], parts["shardings"], parts["step"]
+    spec = {"image": ((batch, size, size, 3), jnp.uint8), "label": ((batch,), jnp.int32),
+            "erase": ((batch, 4), jnp.int32)}
+  else:
+    mesh, model, tx = ts.setup(config, devices)
+    _, abstract, shardings = ts.state_layout(config, model, tx, mesh)
+    step = ts.make_train_step(model, tx, mesh, shardings)
+    batch_spec = sharding.batch_sharding(mesh)
+    spec = {"image": ((batch, size, size, 3), jnp.uint8)}
+  batch_arg = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_spec)
+               for k, (shape, dtype) in spec.items()}
+  return step.lower(_abstract(abstract, shardings), batch_arg), mesh
+
+
+# An HLO instruction "%name = <shape> opcode(...": the shape is a tensor such as
+# f32[64,256]{1,0:T(8,128)} or a tuple of them.
+_INSTRUCTION = re.compile(
+    r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.+?)\s+"
+    r"(all-gather|reduce-scatter|all-reduce|all-to-all|collective-permute)(-start)?\(",
+    re.MULTILINE)
+_TENSOR = re.compile(r"\b(pred|[a-z]+[0-9]+)\[([0-9,]*)\]")
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+
+
+def _tensor_bytes(shape_text: str) -> list[int]:
+  sizes = []
+  for dtype, dims in _TENSOR.findall(shape_text):
+    bits = 8 if dtype == "pred" else int(re.sub(r"\D", "", dtype))
+    sizes.append(int(np.prod([int(d) for d in dims.split(",") if d])) * bits // 8)
+  return sizes
+
+
+def collectives(hlo_text: str) -> dict:
+  """{op: {"count", "bytes"}} of the collectives in optimised HLO text, per device.
+
+  Bytes are the op's results. An async all-gather-start or
+  collective-permute-start's tuple holds its operands, then its results (then
+  u32[] scalars for the permute): only the results are counted.
+  """
+  out = {op: {"count": 0, "bytes": 0} for op in COLLECTIVES}
+  for shape, op, start in _INSTRUCTION.findall(hlo_text):
+    sizes = _tensor_bytes(shape)
+    if start and op in ("all-gather", "collective-permute"):
+      arrays = [b for b, (_, dims) in zip(sizes, _TENSOR.findall(shape)) if dims]
+      sizes = arrays[len(arrays) // 2:]
+    out[op]["count"] += 1
+    out[op]["bytes"] += sum(sizes)
+  return {op: v for op, v in out.items() if v["count"]}
+
+
+_ENTRY_OP = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.+?)\s+([a-z][\w\-]*)\((.*)$")
+_NO_TRAFFIC = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast",
+               "all-gather-done", "all-reduce-done", "collective-permute-done", "copy-done",
+               "slice-done", "after-all", "partition-id", "replica-id"}
+# On-chip memory (VMEM) is memory space 1 in a TPU layout: f32[64,128]{1,0:T(8,128)S(1)}.
+_ON_CHIP = re.compile(r"\b(?:pred|[a-z]+[0-9]+)\[[0-9,]*\]\{[^}]*S\(1\)[^}]*\}")
+
+
+def _scope(op_name: str) -> str:
+  """'jit(train_step)/transpose(jvp(Decoder))/block_1/mlp/fc1/dot' -> 'backward Decoder/block/mlp'
+  (both decoders are "Decoder")."""
+  parts = op_name.split("/")[1:]
+  if not parts:
+    return "other"
+  # jvp: the differentiated forward; neither: no gradient (momentum encoder, masks, optimizer).
+  phase = ("backward" if "transpose(" in op_name else "forward" if "jvp(" in op_name
+           else "no-grad")
+  names = [re.sub(r"^(?:\w+\()+|\)+$", "", p) for p in parts]
+  names = [re.sub(r"_\d+$", "", n) for n in names if n]
+  return f"{phase} {'/'.join(names[:3])}"
+
+
+def bytes_by_scope(hlo_text: str, top: int = 15) -> dict:
+  """Bytes per device read and written by the top-level ops of the entry computation,
+  grouped by the model scope of their op_name (the largest `top`; the rest as
+  "rest"). Each op counts its operands and its result, as XLA's cost model does,
+  but unpadded and without what while loops do inside, so the sum is below
+  the cost model's "bytes accessed".
+  """
+  entry = hlo_text[hlo_text.index("\nENTRY"):]
+  sizes, totals = {}, {}
+  for line in entry.splitlines()[1:]:
+    match = _ENTRY_OP.match(line)
+    if not match:
+      continue
+    name, shape, opcode, rest = match.groups()
+    sizes[name] = sum(_tensor_bytes(shape))
+    if opcode in _NO_TRAFFIC:
+      continue
+    operands = re.findall(r"%([\w.\-]+)", rest.split(", metadata=")[0])
+    moved = sizes[name] + sum(sizes.get(o, 0) for o in set(operands) if o != name)
+    op_name = re.search(r'op_name="([^"]*)"', rest)
+    key = _scope(op_name.group(1)) if op_name else "other"
+    if opcode in ("copy-start", "slice-start"):
+      # The compiler's own prefetches into on-chip memory (and evictions out of
+      # it): what moves is the on-chip part of the result, else the source.
+      on_chip = sum(_tensor_bytes(" ".join(_ON_CHIP.findall(shape))))
+      key = "prefetch to on-chip memory (copy-start, slice-start)"
+      moved = on_chip or sum(sizes.get(o, 0) for o in set(operands))
+    totals[key] = totals.get(key, 0) + moved
+  ranked = sorted(totals.items(), key=lambda kv: -kv[1])
+  out = dict(ranked[:top])
+  if ranked[top:]:
+    out["rest"] = sum(v for _, v in ranked[top:])
+  return out
+
+
+def _cost(compiled) -> dict:
+  cost = compiled.cost_analysis()
+  return (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+
+
+def _versions() -> dict:
+  try:
+    libtpu = importlib.metadata.version("libtpu")
+  except importlib.metadata.PackageNotFoundError:
+    libtpu = None
+  return {"jax": jax.__version__, "libtpu": libtpu}
+
+
+def report(config, binary: str, s: Slice, devices, margin: float,
+           breakdown: bool = False) -> dict:
+  """Compiles the step for the slice; the JSON line's fields (module docstring)."""
+  chip = CHIPS[s.generation]
+  per_chip_batch = config.batch_size / len(devices)
+  t0 = time.perf_counter()
+  lowered, mesh = lower_step(config, binary, devices)
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  gb = lambda b: round(b / 1e9, 3)
+  total = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+           + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
+  hbm = chip.hbm_gib * 2**30
+  cost = _cost(compiled)
+  hlo = compiled.as_text()
+  flop = cost.get("flops", 0.0) / per_chip_batch  # the cost model is per device
+  moved = cost.get("bytes accessed", 0.0) / per_chip_batch
+  analytic = analytic_flops_per_image(config, binary)
+  floor = flops.floor_bytes_per_image(config, per_chip_batch) if binary == "main" else None
+  peak = flops.peak_tflops(devices[0]) * 1e12
+  ridge = peak / (chip.hbm_gbps * 1e9)
+  bound_s = max(flop / peak, moved / (chip.hbm_gbps * 1e9)) * per_chip_batch
+  row = {
+      "config": f"{config.model.size}/{config.model.patch_size}",
+      "binary": binary, "topology": s.name, "libtpu_topology": s.topology,
+      "chip": devices[0].device_kind, "chips": s.chips, "hosts": s.hosts,
+      "devices": len(devices), "mesh": dict(mesh.shape),
+      "batch": config.batch_size, "per_chip_batch": per_chip_batch,
+      "attention_impl": config.model.attention_impl, "dtype": config.model.dtype,
+      "remat": bool(config.model.get("remat", False)),
+      "argument_gb": gb(mem.argument_size_in_bytes), "output_gb": gb(mem.output_size_in_bytes),
+      "alias_gb": gb(mem.alias_size_in_bytes), "temp_gb": gb(mem.temp_size_in_bytes),
+      "code_gb": gb(mem.generated_code_size_in_bytes), "total_gb": gb(total),
+      "hbm_gb": gb(hbm), "margin": margin, "fits": total <= (1 - margin) * hbm,
+      "compiled_gflop_per_image": round(flop / 1e9, 2),
+      "analytic_gflop_per_image": round(analytic / 1e9, 2) if analytic else None,
+      "compiled_over_analytic": round(flop / analytic, 3) if analytic else None,
+      "gb_accessed_per_image": round(moved / 1e9, 4),
+      "flop_per_byte": round(flop / moved, 1) if moved else None,
+      # flops.floor_bytes_per_image: every product reads its operands and writes
+      # its result once in bf16, all else fused into them; no unfused step beats it.
+      "floor_gb_per_image": round(floor["total"] / 1e9, 4) if floor else None,
+      "floor_flop_per_byte": round(analytic / floor["total"], 1) if floor else None,
+      "ridge_flop_per_byte": round(ridge, 1),
+      "bound": "compute" if flop / moved >= ridge else "memory",
+      "roofline_step_ms": round(bound_s * 1e3, 2),
+      "roofline_images_per_s_per_chip": round(per_chip_batch / bound_s, 1),
+      "collectives": collectives(hlo),
+      # XLA's cost model counts a while loop's body once, whatever its trip
+      # count: FLOPs in loops (collective matmuls, scans) are under-counted.
+      "while_loops": len(re.findall(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=.*?\swhile\(", hlo,
+                                    re.MULTILINE)),
+      # Pallas (Mosaic) kernels: the cost model counts only what a kernel
+      # declares (flash attention's forward declares its FLOPs, its backward
+      # kernels nothing), so FLOPs are under-counted when this is not 0.
+      "mosaic_kernels": hlo.count('custom_call_target="tpu_custom_call"'),
+      "compile_s": round(compile_s, 1),
+      **_versions(),
+  }
+  if breakdown:
+    row["gb_per_image_by_scope"] = {k: round(v / per_chip_batch / 1e9, 4)
+                                     for k, v in bytes_by_scope(hlo).items()}
+  return row
+
+
+def block_report(config, part: str, s: Slice, device) -> dict:
+  """The compiler's count for one transformer block of `part` on one chip: the quick way to
+  try a change to the block (attention_impl, dtype) before compiling the whole step."""
+  width, _, heads = config_lib.encoder_dims(config)
+  grid = config_lib.grid_size(config)
+  n = grid[0] * grid[1]
+  per_chip = config.batch_size // s.chips
+  k = len(config_lib.supervised_blocks(config))
+  tokens, batch, train = {
+      "encoder": (n - num_masked(config.masking.ratio, grid) + 1, per_chip, True),
+      "momentum_encoder": (n + 1, per_chip, False),
+      "pixel_decoder": (n + 1, per_chip * k, True),
+      "distill_decoder": (n + 1, per_chip * k, True)}[part]
+  if part == "pixel_decoder":
+    width, heads = config.pixel.decoder_width, config.pixel.decoder_heads
+  dtype = jnp.dtype(config.model.dtype)
+  impl = config_lib.attention_impl(config.model, device.platform)
+  block = Block(heads, dtype=dtype, attention_impl=impl)
+  on_chip = jax.sharding.SingleDeviceSharding(device)
+  params = jax.eval_shape(lambda: block.init(jax.random.key(0),
+                                             jnp.zeros((1, tokens, width), dtype)))
+  params = _abstract(params, jax.tree.map(lambda _: on_chip, params))
+  x = jax.ShapeDtypeStruct((batch, tokens, width), dtype, sharding=on_chip)
+
+  def loss(params, x):
+    return jnp.sum(block.apply(params, x).astype(jnp.float32) ** 2)
+
+  fn = jax.grad(loss, argnums=(0, 1)) if train else loss
+  cost = _cost(jax.jit(fn).lower(params, x).compile())
+  return {"block": part, "tokens": tokens, "width": width, "heads": heads, "batch": batch,
+          "train": train, "attention_impl": impl, "dtype": config.model.dtype,
+          "gflop": round(cost.get("flops", 0.0) / 1e9, 2),
+          "gb_accessed": round(cost.get("bytes accessed", 0.0) / 1e9, 4),
+          "flop_per_byte": round(cost["flops"] / cost["bytes accessed"], 1),
+          "chip": device.device_kind, **_versions()}
+
+
+def analytic_flops_per_image(config, binary: str) -> float | None:
+  """flops.py's count: the pretraining step's total, or a classifier's 3x forward."""
+  if binary == "main":
+    return flops.train_flops_per_image(config)["total"]
+  width, depth, _ = VIT_SIZES[config.model.size]
+  n = (config.model.image_size // config.model.patch_size) ** 2
+  return 3 * flops.encoder_forward_flops(n + 1, width, depth, config.model.patch_size ** 2 * 3)
+
+
+def is_oom(err: Exception) -> bool:
+  text = str(err)
+  return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "exceeds" in text
+
+
+def try_report(config, binary: str, s: Slice, devices, margin: float,
+               breakdown: bool = False) -> dict:
+  """report(), or fits=false with the compiler's message when it runs out of HBM."""
+  try:
+    return report(config, binary, s, devices, margin, breakdown)
+  except Exception as err:  # noqa: BLE001 - only the compiler's out-of-memory is a result
+    if not is_oom(err):
+      raise
+    return {"topology": s.name, "batch": config.batch_size,
+            "per_chip_batch": config.batch_size / len(devices), "fits": False,
+            "error": str(err).strip().splitlines()[0][:300]}
+
+
+def sweep(config, binary: str, s: Slice, devices, margin: float):
+  """Yields a row per per-chip batch: doubling from the config's while it fits, else
+  halving until it does (powers of two times the config's per-chip batch)."""
+  per_chip = max(1, config.batch_size // len(devices))
+  direction = None
+  while per_chip >= 1:
+    config.batch_size = per_chip * len(devices)
+    row = try_report(config, binary, s, devices, margin)
+    yield row
+    direction = direction or (2 if row["fits"] else 0.5)
+    if row["fits"] != (direction == 2):
+      return
+    per_chip = int(per_chip * direction)
+
+
+def main(argv):
+  del argv
+  config = FLAGS.config
+  s = parse_slice(FLAGS.topology)
+  devices = slice_devices(s)
+  if FLAGS.block:
+    print(json.dumps(block_report(config, FLAGS.block, s, devices[0])), flush=True)
+    return
+  if not FLAGS.sweep:
+    print(json.dumps(try_report(config, FLAGS.binary, s, devices, FLAGS.margin,
+                                FLAGS.breakdown)), flush=True)
+    return
+  largest = None
+  for row in sweep(config, FLAGS.binary, s, devices, FLAGS.margin):
+    print(json.dumps(row), flush=True)
+    if row["fits"]:
+      largest = max(largest or 0, row["per_chip_batch"])
+  print(json.dumps({"topology": s.name, "largest_per_chip_batch_that_fits": largest}),
+        flush=True)
+
