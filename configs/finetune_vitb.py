@@ -1,10 +1,11 @@
-r"""ViT-B/16 fine-tuning on ImageNet-1K: 100 epochs, layer decay 0.65, lr 8e-3 at batch 1024 (Appendix A).
+r"""ViT-B/16 fine-tuning on ImageNet-1K (Appendix A): 100 epochs, layer decay 0.65,
+lr 8e-3 at batch 1024.
 
   python -m ddae_jax.finetune --config=configs/finetune_vitb.py \
       --config.init_dir=gs://BUCKET/ddae_run --workdir=gs://BUCKET/finetune_run
 
 Variants: :quickstart (the embedded digits at the quickstart model), :smoke.
-Defaults and their sources: ddae_jax/eval_config.py.
+Defaults and their sources: ddae_jax/evaluation/config.py.
 """
 
 from ddae_jax.evaluation import config as eval_config

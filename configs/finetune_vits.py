@@ -4,7 +4,7 @@ r"""ViT-S/16 fine-tuning on ImageNet-1K: 100 epochs, layer decay 0.75, lr 1.6e-2
       --config.init_dir=gs://BUCKET/ddae_run --workdir=gs://BUCKET/finetune_run
 
 Variants: :quickstart (the embedded digits at the quickstart model), :smoke.
-Defaults and their sources: ddae_jax/eval_config.py.
+Defaults and their sources: ddae_jax/evaluation/config.py.
 """
 
 from ddae_jax.evaluation import config as eval_config

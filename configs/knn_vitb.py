@@ -4,7 +4,7 @@ r"""ViT-B/16 weighted k-NN (k = 20, T = 0.07, cosine) on ImageNet-1K, frozen fea
       --config.init_dir=gs://BUCKET/ddae_run --workdir=gs://BUCKET/knn_run
 
 Variants: :quickstart (the embedded digits at the quickstart model), :smoke.
-Defaults and their sources: ddae_jax/eval_config.py.
+Defaults and their sources: ddae_jax/evaluation/config.py.
 """
 
 from ddae_jax.evaluation import config as eval_config

@@ -4,7 +4,7 @@ r"""ViT-S/16 linear probe on ImageNet-1K: LARS, base lr 0.1, batch 16384, 90 epo
       --config.init_dir=gs://BUCKET/ddae_run --workdir=gs://BUCKET/linear_probe_run
 
 Variants: :quickstart (the embedded digits at the quickstart model), :smoke.
-Defaults and their sources: ddae_jax/eval_config.py.
+Defaults and their sources: ddae_jax/evaluation/config.py.
 """
 
 from ddae_jax.evaluation import config as eval_config

@@ -2,6 +2,10 @@ r"""Host input throughput: ImageNet-style JPEG decode + random-resized crop + fl
 
   python -m ddae_jax.bench_input --images=512 --threads=1,2 --step_images_per_s=6450
 
+Makes JPEGs of ImageNet's typical size (500 x 375, quality 90, natural-image-like
+smooth content plus noise) in memory, then times `augment.pretrain_view` on
+them with 1..N threads. Prints one JSON line per thread count and the host
+cores one accelerator needs to keep up with `--step_images_per_s`.
 The library: ddae_jax/perf/input_bench.py.
 """
 

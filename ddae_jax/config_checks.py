@@ -56,7 +56,7 @@ def _check_value(field: str, value, reference) -> None:
       for v in value if element else ():
         _check_scalar_or_tuple(field, value, v, element())
     elif len(value) == len(reference):  # positional: ("data", -1) pairs, (low, high)
-      for v, r in zip(value, reference):
+      for v, r in zip(value, reference, strict=True):
         _check_scalar_or_tuple(field, value, v, r)
     else:  # a homogeneous tuple of another length (beta_init: 1 or K values)
       for v in value:

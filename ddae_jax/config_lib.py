@@ -2,13 +2,17 @@
 
 `base_config()` is DDAE ViT-B/16, 100 epochs, as in section 4.1 and Appendix A;
 the files in configs/ change what their experiment needs. Values that depend
-on others (block indices, lambda_i, steps) are derived here, at run time, so an
-override on the command line never leaves a stale derived value.
+on others (block indices, lambda_i, beta's branches) are derived here, at run
+time, so an override on the command line never leaves a stale derived value:
+`resolve(config)` computes them all once into a frozen `Derived` record, which
+the methods hold; steps depend on the dataset's size and are derived by the loop.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
+import types
 
 import jax
 import ml_collections
@@ -17,7 +21,7 @@ import numpy as np
 from ddae_jax.data.sources import SOURCES
 from ddae_jax.models.vit import FEATURE_NORMS, POS_EMBEDS, VIT_SIZES
 from ddae_jax.objectives.ddae import NORMALIZERS, TARGET_NORMS
-from ddae_jax.objectives.masking import MASKINGS
+from ddae_jax.objectives.masking import MASKINGS, num_masked
 
 METHODS = ("ddae", "beitv2")
 EMA_SCHEDULES = ("bootmae", "linear")
@@ -29,6 +33,17 @@ EVAL_ATTENTION_IMPLS = tuple(i for i in ATTENTION_IMPLS if i != "pallas")
 IMAGENET_TRAIN_IMAGES = 1_281_167
 
 
+# The fields that take one of a fixed set of values, and the set.
+CHOICES = (
+    ("method", METHODS), ("model.size", VIT_SIZES), ("model.dtype", DTYPES),
+    ("model.attention_impl", ATTENTION_IMPLS), ("model.feature_norm", FEATURE_NORMS),
+    ("model.pos_embed", POS_EMBEDS), ("masking.kind", MASKINGS),
+    ("dds.normalizer", NORMALIZERS), ("distill.target_norm", TARGET_NORMS),
+    ("pixel.norm_pix_stats", NORM_PIX_STATS), ("ema.schedule", EMA_SCHEDULES),
+    ("data.source", SOURCES),
+)
+
+
 class ConfigError(ValueError):
   """A config field holds a value the run cannot use; the message names the field."""
 
@@ -36,7 +51,7 @@ class ConfigError(ValueError):
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
-  # "ddae": DDAE and the MAE rows (model.py); "beitv2": BEiT-v2 (beitv2.py).
+  # "ddae": DDAE and the MAE rows (methods/ddae.py); "beitv2": BEiT-v2 (methods/beitv2.py).
   c.method = "ddae"
 
   c.model = ml_collections.ConfigDict()
@@ -358,6 +373,60 @@ def learning_rate(config) -> float:
   return config.optim.base_lr * config.batch_size / 256
 
 
+@dataclasses.dataclass(frozen=True)
+class Supervision:
+  """One branch's deep supervision: blocks g_i, lambda_i (eq. 3, 5), dynamic weights (eq. 2)."""
+  blocks: tuple[int, ...]
+  weights: tuple[float, ...]
+  dynamic: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Derived:
+  """What a pretraining config's fields imply, resolved once by `resolve`.
+
+  Attributes:
+    width, depth, heads: the encoder's (model.size).
+    grid: (rows, cols) of patches; num_patches = rows * cols; num_masked: M.
+    blocks, block_weights: g_1 < ... < g_K and lambda_i of the supervised blocks.
+    branches: {"pixel", "distill"} (DDAE) or {"mim"} (BEiT-v2) -> Supervision.
+    beta_branches: the sets of beta the parameters hold ("shared", or per branch).
+    beta_init: the initial beta of each supervised block (paper: -0.5).
+    attention_impl: models.attention.attend's `impl` on this platform.
+  """
+  width: int
+  depth: int
+  heads: int
+  grid: tuple[int, int]
+  num_patches: int
+  num_masked: int
+  blocks: tuple[int, ...]
+  block_weights: tuple[float, ...]
+  branches: dict[str, Supervision]
+  beta_branches: tuple[str, ...]
+  beta_init: tuple[float, ...]
+  attention_impl: str | None
+
+  def __post_init__(self):
+    # Read-only all the way down: the record is shared by every module of a model.
+    object.__setattr__(self, "branches", types.MappingProxyType(dict(self.branches)))
+
+
+def resolve(config, platform: str | None = None) -> Derived:
+  """The derived values of a (validated) pretraining config; `platform` as attention_impl."""
+  width, depth, heads = encoder_dims(config)
+  grid = grid_size(config)
+  names = ("mim",) if config.get("method", "ddae") == "beitv2" else ("pixel", "distill")
+  return Derived(
+      width=width, depth=depth, heads=heads, grid=grid, num_patches=grid[0] * grid[1],
+      num_masked=num_masked(config.masking.ratio, grid), blocks=supervised_blocks(config),
+      block_weights=block_weights(config),
+      branches={n: Supervision(*branch_supervision(config, n)) for n in names},
+      beta_branches=beta_branches(config),
+      beta_init=tuple(float(b) for b in beta_init(config)),
+      attention_impl=attention_impl(config.model, platform))
+
+
 # ----------------------------------------------------------------------- checks
 def fail(field, value, allowed):
   raise ConfigError(f"config.{field} = {value!r} is invalid: allowed {allowed}")
@@ -416,18 +485,8 @@ def validate(config, num_devices: int | None = None) -> None:
   """
   from ddae_jax import config_checks  # imports this module; types before ranges
   config_checks.check_types(config, base_config())
-  one_of(config, "method", METHODS)
-  one_of(config, "model.size", VIT_SIZES)
-  one_of(config, "model.dtype", DTYPES)
-  one_of(config, "model.attention_impl", ATTENTION_IMPLS)
-  one_of(config, "model.feature_norm", FEATURE_NORMS)
-  one_of(config, "model.pos_embed", POS_EMBEDS)
-  one_of(config, "masking.kind", MASKINGS)
-  one_of(config, "dds.normalizer", NORMALIZERS)
-  one_of(config, "distill.target_norm", TARGET_NORMS)
-  one_of(config, "pixel.norm_pix_stats", NORM_PIX_STATS)
-  one_of(config, "ema.schedule", EMA_SCHEDULES)
-  one_of(config, "data.source", SOURCES)
+  for field, allowed in CHOICES:
+    one_of(config, field, allowed)
   if config.model.layer_scale < 0:
     fail("model.layer_scale", config.model.layer_scale, "0 (off) or a value > 0")
   if not 0 <= config.data.color_jitter < 1:

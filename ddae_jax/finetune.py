@@ -5,6 +5,9 @@ r"""Fine-tunes a pretrained encoder end to end (the BEiT/MAE protocol of Appendi
   python -m ddae_jax.finetune --config=configs/finetune_quickstart.py \
       --config.init_dir=/tmp/ddae_quickstart --workdir=/tmp/ddae_quickstart_ft
 
+AdamW with layer-wise lr decay, drop path, RandAugment, random erasing,
+mixup/cutmix with label smoothing; evaluation on centre crops. Rerunning the
+command resumes from the workdir's latest checkpoint.
 The library: ddae_jax/evaluation/finetune.py.
 """
 

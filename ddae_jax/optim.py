@@ -1,11 +1,18 @@
-"""The optimizer (AdamW with a warm-up cosine schedule), beta's own group, and eq. 4.
+"""Every optimizer: pretraining's AdamW with beta's own group and eq. 4's EMA, fine-tuning's
+AdamW with layer-wise lr decay, the linear probe's LARS; one no-decay rule, one schedule.
 
-Parameters fall in three groups:
+Pretraining parameters fall in three groups:
   decay:    weight matrices, trained with AdamW and weight decay;
   no_decay: biases, norms, class and mask tokens (MAE's exclusions);
   beta:     the dynamic-loss exponents of eq. 2, trained by Adam without weight
             decay (decay would pull them to 0, which is the regulariser's job),
             or frozen when config.dds.beta_learnable is False.
+
+Layer-wise decay (BEiT, fine-tuning): the embeddings (patch_embed, cls_token,
+pos_embed) are layer 0, block i is layer i + 1, everything after the blocks
+(the final norm, fc_norm, the head) is layer L + 1; a parameter's learning rate
+is lr * decay^(L + 1 - layer), so the head trains at the full rate and the
+embeddings at decay^(L + 1) of it.
 """
 
 from __future__ import annotations
@@ -17,7 +24,14 @@ import optax
 from ddae_jax import config_lib
 from ddae_jax.sharding import path_str
 
+# MAE's and BEiT's no_weight_decay lists, besides every 1-D parameter (biases, norms).
 NO_DECAY_NAMES = ("cls_token", "mask_token", "pos_embed")
+EMBEDDING_NAMES = ("patch_embed", "cls_token", "pos_embed")
+
+
+def decays(name: str, leaf) -> bool:
+  """Whether AdamW decays the parameter at `name`: weight matrices only."""
+  return leaf.ndim >= 2 and name.split("/")[-1] not in NO_DECAY_NAMES
 
 
 def param_labels(params):
@@ -26,23 +40,31 @@ def param_labels(params):
     name = path_str(path)
     if name.startswith("beta"):
       return "beta"
-    if leaf.ndim < 2 or name.split("/")[-1] in NO_DECAY_NAMES:
-      return "no_decay"
-    return "decay"
+    return "decay" if decays(name, leaf) else "no_decay"
   return jax.tree_util.tree_map_with_path(label, params)
 
 
+def weight_decay_mask(params):
+  """True where AdamW decays: weight matrices, not biases, norms, cls_token, pos_embed."""
+  return jax.tree_util.tree_map_with_path(lambda path, leaf: decays(path_str(path), leaf),
+                                          params)
+
+
+def warmup_cosine(peak: float, warmup_steps: int, total_steps: int,
+                  end: float = 0.0) -> optax.Schedule:
+  """Linear warm-up from 0 to `peak`, then half-cosine to `end` (MAE's per-step schedule)."""
+  return optax.warmup_cosine_decay_schedule(0.0, peak, warmup_steps, max(total_steps, 1), end)
+
+
 def lr_schedule(config, num_images: int | None = None) -> optax.Schedule:
-  """Linear warm-up to base_lr * batch / 256, then cosine decay to min_lr.
+  """Linear warm-up to base_lr * batch / 256, then cosine decay to min_lr (every protocol).
 
   Epochs are passes over `num_images` (None: config.num_train_images).
   """
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0,
-      peak_value=config_lib.learning_rate(config),
-      warmup_steps=config_lib.epochs_to_steps(config, config.optim.warmup_epochs, num_images),
-      decay_steps=config_lib.total_steps(config, num_images),
-      end_value=config.optim.min_lr)
+  return warmup_cosine(
+      config_lib.learning_rate(config),
+      config_lib.epochs_to_steps(config, config.optim.warmup_epochs, num_images),
+      config_lib.total_steps(config, num_images), config.optim.min_lr)
 
 
 def make_optimizer(config, num_images: int | None = None) -> optax.GradientTransformation:
@@ -105,3 +127,63 @@ def distill_weight(config, step: jax.Array, num_images: int | None = None) -> ja
 def ema_update(ema_params, params, momentum):
   """Eq. 4: theta' <- m theta' + (1 - m) theta, leaf by leaf (float32)."""
   return jax.tree.map(lambda e, p: momentum * e + (1.0 - momentum) * p, ema_params, params)
+
+
+# ------------------------------------------------------------ fine-tuning, linear probe
+def layer_id(name: str, depth: int) -> int:
+  """BEiT's layer of the parameter at `name` ("encoder/block_3/attn/qkv/kernel" -> 4)."""
+  for part in name.split("/"):
+    if part in EMBEDDING_NAMES:
+      return 0
+    if part.startswith("block_"):
+      return int(part[len("block_"):]) + 1
+  return depth + 1
+
+
+def layer_scales(params, depth: int, decay: float):
+  """decay^(depth + 1 - layer_id) for every leaf of `params` (a tree of floats)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: float(decay ** (depth + 1 - layer_id(path_str(path), depth))), params)
+
+
+def adamw_layer_decay(schedule: optax.Schedule, params, depth: int, layer_decay: float,
+                      weight_decay: float, b1: float = 0.9, b2: float = 0.999,
+                      grad_clip_norm: float = 0.0) -> optax.GradientTransformation:
+  """AdamW whose step for each parameter is scaled by its layer's decay factor.
+
+  As torch's AdamW with BEiT's param groups: the group lr (lr * scale) also
+  multiplies the decoupled weight decay, so the scale goes after both.
+  """
+  scales = layer_scales(params, depth, layer_decay)
+  parts = [optax.clip_by_global_norm(grad_clip_norm)] if grad_clip_norm > 0 else []
+  parts += [optax.scale_by_adam(b1=b1, b2=b2, eps=1e-8),
+            optax.add_decayed_weights(weight_decay, mask=weight_decay_mask(params)),
+            _scale_by_tree(scales),
+            optax.scale_by_learning_rate(schedule)]
+  return optax.chain(*parts)
+
+
+def _scale_by_tree(scales) -> optax.GradientTransformation:
+  def update(updates, state, params=None):
+    del params
+    return jax.tree.map(lambda u, s: u * s, updates, scales), state
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
+def lars(learning_rate: optax.ScalarOrSchedule, momentum: float = 0.9,
+         weight_decay: float = 0.0, trust_coefficient: float = 0.001
+         ) -> optax.GradientTransformation:
+  """MAE's LARS (util/lars.py), for the linear probe, from optax's parts.
+
+  For parameters with more than one dimension: d = g + wd * p, then
+  d *= trust * |p| / |d| where both norms are > 0 (else 1). Biases and other
+  1-D parameters get neither decay nor adaptation. Then mu = momentum * mu + d
+  and p -= lr * mu (lr outside the momentum, as torch's loop).
+  """
+  matrices = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+  return optax.chain(
+      optax.masked(optax.chain(optax.add_decayed_weights(weight_decay),
+                               optax.scale_by_trust_ratio(trust_coefficient=trust_coefficient)),
+                   matrices),
+      optax.trace(decay=momentum),
+      optax.scale_by_learning_rate(learning_rate))

@@ -1,4 +1,8 @@
-"""What the training loops share to stop in time: preemption, steps in flight, progress.
+"""What the three trainers share: sharded init, the loop, preemption, progress, finiteness.
+
+Pretraining (train.py), fine-tuning and linear probing (evaluation/loop.py)
+run the same loop (`train_loop`): dispatch a step, keep at most a few in
+flight, log, save on the interval, at the end and on preemption.
 
 JAX dispatches a step and returns before the devices run it, so a loop that
 never waits can queue tens of steps ahead of the devices; a save (or the
@@ -11,12 +15,84 @@ what the progress report shows.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
+import math
 import signal
+import time
+from typing import Any, Callable
 
 import jax
 
-from ddae_jax import metrics
+from ddae_jax import metrics, sharding
+
+
+@dataclasses.dataclass(frozen=True)
+class Built:
+  """What a trainer's build() makes before any step runs (train_step.build, evaluation).
+
+  Attributes:
+    mesh: the device mesh.
+    state: the train state on the devices; None for a run about to restore one.
+    shardings: the state's NamedSharding tree.
+    step: jitted (state, batch) -> (state, metrics).
+    abstract: the state's ShapeDtypeStructs with their shardings.
+    model, tx: the method (or classifier) and the optimizer.
+    eval_step: (state, batch) -> classification sums (fine-tuning, linear probing).
+    batch_sharding: where each batch goes.
+    init_state: the state's init function (fine-tuning: (rng, encoder params or None)).
+  """
+  mesh: Any
+  state: Any
+  shardings: Any
+  step: Callable
+  abstract: Any = None
+  model: Any = None
+  tx: Any = None
+  eval_step: Callable | None = None
+  batch_sharding: Any = None
+  init_state: Callable | None = None
+
+
+class NonFiniteLoss(FloatingPointError):
+  """The loss became NaN or Inf; the message names the step and the last good checkpoint."""
+
+
+def sharded_state(init: Callable, mesh, rules, *args, materialize: bool = True):
+  """A train state made directly on the devices, each leaf laid out by the sharding rules.
+
+  Args:
+    init: (*args) -> state (a pytree); traced once for shapes, then jitted.
+    rules: config.sharding.rules.
+    materialize: False computes only shapes and shardings (a run about to
+      restore a checkpoint: a fresh state beside the restored one would double
+      the device memory).
+
+  Returns:
+    (state or None, shardings, abstract): the NamedSharding tree and the
+    ShapeDtypeStructs with those shardings (the target of a restore).
+  """
+  shapes = jax.eval_shape(init, *args)
+  shardings = sharding.state_shardings(shapes, mesh, rules)
+  abstract = with_shardings(shapes, shardings)
+  state = jax.jit(init, out_shardings=shardings)(*args) if materialize else None
+  return state, shardings, abstract
+
+
+def with_shardings(shapes, shardings):
+  """ShapeDtypeStructs of `shapes` placed by `shardings` (a restore's or a compile's target)."""
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                      shapes, shardings)
+
+
+def check_finite(values: dict, step: int, ckpt) -> None:
+  """Raises NonFiniteLoss when values["loss"] is NaN or Inf, after the last good save."""
+  if not math.isfinite(values["loss"]):
+    ckpt.wait()  # the last good save finishes; nothing newer is written
+    raise NonFiniteLoss(
+        f"loss is {values['loss']} at step {step}; the last good checkpoint is step "
+        f"{ckpt.latest_step()} in {ckpt.directory} (left intact). Lower the learning rate "
+        "or enable optim.grad_clip_norm, then resume from it.")
 
 
 class Preemption:
@@ -72,3 +148,79 @@ def progress_action(total_steps: int, writer):
   from clu import periodic_actions
   return periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
                                          every_secs=60.0)
+
+
+@dataclasses.dataclass
+class LoopEnd:
+  """Where `train_loop` stopped: the state, its step, the last logged values, why."""
+  state: Any
+  step: int
+  last: dict
+  preempted: bool
+
+
+def train_loop(state, step_fn, loader, ckpt, writer, *, start_step: int, total_steps: int,
+               batch_size: int, num_images: int, log_every: int, steps_in_flight: int,
+               prefix: str = "", log_extra: Callable | None = None,
+               after_step: Callable | None = None,
+               save_every: int | None = None) -> LoopEnd:
+  """Runs `step_fn` from `start_step` to `total_steps`; logs, saves, stops on preemption.
+
+  Before each dispatch the loop checks for SIGTERM and the cluster's preemption
+  notice: after one, no new step reaches the devices, at most `steps_in_flight`
+  are left to finish, and the state is saved at the last dispatched step.
+  Saves: on the checkpointer's interval (Orbax's, which also saves the first step
+  of a run with no checkpoint) or every `save_every` steps, at the end, on
+  preemption; never twice a step.
+  Metrics of a step are fetched only when logged or saved; a non-finite loss
+  then stops the run (NonFiniteLoss) with the last good checkpoint intact.
+
+  Args:
+    state: the train state (donated to `step_fn` each step).
+    step_fn: (state, batch) -> (state, metrics of float32 scalars).
+    loader: an iterator of batches with `.position` (records consumed).
+    ckpt: a weights.checkpoints.Checkpointer.
+    writer: a metrics writer; values go out as f"{prefix}{name}".
+    log_extra: (values, images_per_second) -> more values to log (MFU, ...).
+    after_step: (state, step, done) -> None, after the step's log (evaluation).
+
+  Returns:
+    LoopEnd.
+  """
+  progress = progress_action(total_steps, writer)
+  preemption = Preemption()
+  in_flight = StepsInFlight(steps_in_flight, start_step)
+  last, step, step_metrics = {}, start_step, None
+  tick, tick_step = time.perf_counter(), start_step
+  while step < total_steps:
+    stop = preemption.requested or ckpt.preempted(step)
+    if not stop:
+      state, step_metrics = step_fn(state, next(loader))
+      step += 1
+      if in_flight.push(step, step_metrics) and progress is not None:
+        progress(in_flight.completed)  # steps the devices finished, not dispatched ones
+    done = step == total_steps
+    log_now = not stop and (step % log_every == 0 or done)
+    on_interval = ckpt.should_save(step) if save_every is None else step % save_every == 0
+    save_now = (stop or done or on_interval) and ckpt.latest_step() != step
+    if (log_now or save_now) and step > start_step:
+      values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+      check_finite(values, step, ckpt)
+    if log_now:
+      now = time.perf_counter()
+      images_per_s = (step - tick_step) * batch_size / max(now - tick, 1e-9)
+      values.update(images_per_second=images_per_s, epoch=step * batch_size / num_images)
+      if log_extra is not None:
+        values.update(log_extra(values, images_per_s))
+      writer.write_scalars(step, {f"{prefix}{k}": v for k, v in values.items()})
+      writer.flush()
+      tick, tick_step, last = now, step, values
+    if after_step is not None and not stop:
+      after_step(state, step, done)
+    if save_now:
+      ckpt.save(step, state, loader.position, force=True)
+    if stop:
+      logging.warning("Stopped at step %d for preemption; rerun the same command to resume.",
+                      step)
+      return LoopEnd(state, step, last, preempted=True)
+  return LoopEnd(state, step, last, preempted=False)

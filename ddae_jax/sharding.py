@@ -34,16 +34,13 @@ def make_mesh(mesh_config, devices=None) -> Mesh:
 
 
 def path_str(path) -> str:
-  """'a/b/c' for a jax tree path."""
-  parts = []
-  for key in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(key, attr):
-        parts.append(str(getattr(key, attr)))
-        break
-    else:
-      parts.append(str(key))
-  return "/".join(parts)
+  """'a/b/c' for a jax tree path: dict keys, attribute names (optax's named-tuple states), indices.
+
+  E.g. "params/encoder/block_3/mlp/fc1/kernel" or "opt_state/inner_states/decay/
+  inner_state/0/mu/...": what sharding rules, weight-decay masks and checkpoint
+  comparisons match.
+  """
+  return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def _fsdp_spec(shape, fsdp_size: int) -> P:

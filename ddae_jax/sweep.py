@@ -47,8 +47,9 @@ def main(argv=None) -> int:
   parser.add_argument("--workdir_root", required=True)
   parser.add_argument("--run", action="store_true", help="train the rows one after another")
   args = parser.parse_args(argv)
-  for (row, _, top1), cmd in zip(TABLES[args.table], commands(args.table, args.workdir_root,
-                                                              extra)):
+  rows = TABLES[args.table]
+  for (row, _, top1), cmd in zip(rows, commands(args.table, args.workdir_root, extra),
+                                 strict=True):
     print(f"# {args.table}: {row} (paper: {top1} top-1)")
     print(shlex.join(cmd), flush=True)
     if args.run and subprocess.run(cmd).returncode:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import time
 
 import jax
 from etils import epath
@@ -20,10 +18,6 @@ from ddae_jax import train_step as ts
 from ddae_jax.data import pipeline, sources
 from ddae_jax.perf import flops
 from ddae_jax.weights import checkpoints, pretrained
-
-
-class NonFiniteLoss(FloatingPointError):
-  """The loss became NaN or Inf; the message names the step and the last good checkpoint."""
 
 
 def train_and_evaluate(config, workdir: str, init_dir: str | None = None) -> dict:
@@ -60,7 +54,7 @@ def _train(config, workdir, init_dir, devices, ckpt) -> dict:
   total_steps = config_lib.total_steps(config, num_images)
   # Resuming restores into the abstract state: no fresh state is made beside it.
   built = ts.build(config, devices, materialize=resume is None, num_train_images=num_images)
-  state, step_fn, mesh, abstract = built["state"], built["step"], built["mesh"], built["abstract"]
+  state, step_fn, mesh, abstract = built.state, built.step, built.mesh, built.abstract
   del built  # `state` is the one reference to the state (the step donates it)
 
   # ------------------------------------------------------------------ state
@@ -101,51 +95,27 @@ def _train(config, workdir, init_dir, devices, ckpt) -> dict:
     writer.write_hparams(config.to_dict())
   flops_per_image = flops.train_flops_per_image(config)["total"]
   peak = flops.peak_tflops()
-  progress = runtime.progress_action(total_steps, writer)
-  preemption = runtime.Preemption()
+
+  def log_extra(values, images_per_s):
+    del values
+    extra = {"skipped_images": loader.skipped}
+    if peak:
+      extra["mfu"] = images_per_s * flops_per_image / (peak * 1e12 * len(devices))
+    return extra
 
   # ------------------------------------------------------------------ loop
   logging.info("Training steps %d..%d, %d images per step on %d devices", start_step,
                total_steps, config.batch_size, len(devices))
-  last, step = {}, start_step
-  tick, tick_step = time.perf_counter(), start_step
-  in_flight = runtime.StepsInFlight(config.steps_in_flight, start_step)
   try:
-    while step < total_steps:
-      # Checked before each dispatch: after SIGTERM no new step reaches the
-      # devices, and at most `steps_in_flight` are left to finish before the save.
-      stop = preemption.requested or ckpt.preempted(step)
-      if not stop:
-        state, step_metrics = step_fn(state, next(loader))
-        step += 1
-        if in_flight.push(step, step_metrics) and progress is not None:
-          progress(in_flight.completed)
-      log_now = not stop and (step % config.log_every_steps == 0 or step == total_steps)
-      save_now = ((stop or step == total_steps or ckpt.should_save(step))
-                  and ckpt.latest_step() != step)
-      if (log_now or save_now) and step > start_step:
-        values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-        _check_finite(values, step, ckpt)
-      if log_now:
-        now = time.perf_counter()
-        images_per_s = (step - tick_step) * config.batch_size / max(now - tick, 1e-9)
-        values.update(images_per_second=images_per_s, skipped_images=loader.skipped,
-                      epoch=step * config.batch_size / num_images)
-        if peak:
-          values["mfu"] = images_per_s * flops_per_image / (peak * 1e12 * len(devices))
-        writer.write_scalars(step, values)
-        writer.flush()
-        tick, tick_step, last = now, step, values
-      if save_now:
-        ckpt.save(step, state, loader.position, force=True)
-      if stop:
-        logging.warning("Stopped at step %d for preemption; rerun the same command to resume.",
-                        step)
-        break
+    end = runtime.train_loop(
+        state, step_fn, loader, ckpt, writer, start_step=start_step, total_steps=total_steps,
+        batch_size=config.batch_size, num_images=num_images,
+        log_every=config.log_every_steps, steps_in_flight=config.steps_in_flight,
+        log_extra=log_extra)
   finally:
     loader.close()
     writer.close()
-  return last
+  return end.last
 
 
 def _save_run_record(workdir, **values):
@@ -171,12 +141,3 @@ def _resume_source(ckpt, workdir, init_dir):
   if other.latest_step() is None:
     raise checkpoints.CheckpointMissing(f"--init_dir={init_dir}: no checkpoint in {other_dir}")
   return other, epath.Path(init_dir)
-
-
-def _check_finite(values: dict, step: int, ckpt: checkpoints.Checkpointer):
-  if not math.isfinite(values["loss"]):
-    ckpt.wait()  # the last good save finishes; nothing newer is written
-    raise NonFiniteLoss(
-        f"loss is {values['loss']} at step {step}; the last good checkpoint is step "
-        f"{ckpt.latest_step()} in {ckpt.directory} (left intact). Lower the learning rate "
-        "or enable optim.grad_clip_norm, then resume from it.")

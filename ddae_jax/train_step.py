@@ -2,12 +2,13 @@
 
 The state is a plain dict, every leaf placed on the mesh by the config's rules:
   step:        int32[]
-  params:      the DDAE (model.py) or BEiT-v2 (beitv2.py) parameters, float32
-  ema_params:  the momentum encoder theta' (absent when distillation is off)
-  tokenizer:   BEiT-v2's frozen VQ-KD tokenizer (method = "beitv2" only)
+  params:      the method's trained parameters (methods/ddae.py, methods/beitv2.py), float32
   opt_state:   optax state (beta's Adam moments included)
   rng:         uint32[2], the run's key; step t uses fold_in(rng, t), so a
                resumed run sees exactly the masks it would have seen.
+and the method's own entries (Method.init_state), which no optimizer touches:
+  ema_params:  DDAE's momentum encoder theta' (absent when distillation is off)
+  tokenizer:   BEiT-v2's frozen VQ-KD tokenizer
 """
 
 from __future__ import annotations
@@ -18,46 +19,41 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ddae_jax import config_lib, optim, sharding
-from ddae_jax.methods.beitv2 import BEiTv2, host_tokenizer_matches
-from ddae_jax.methods.ddae import DDAE, normalize_images
+from ddae_jax import config_lib, methods, optim, runtime, sharding
+from ddae_jax.data.normalize import normalize_images
+from ddae_jax.methods import Method
 from ddae_jax.models import attention
 from ddae_jax.objectives.dynamic_weights import distance_map
 from ddae_jax.objectives.masking import mask_from_config
 
 
-def make_model(config) -> DDAE | BEiTv2:
-  """The model class of config.method."""
-  return BEiTv2(config) if config.method == "beitv2" else DDAE(config)
+def make_model(config, num_images: int | None = None) -> Method:
+  """The method of config.method (methods.make); schedules count epochs of `num_images`."""
+  return methods.make(config, num_images)
 
 
-def init_state(model: DDAE | BEiTv2, tx: optax.GradientTransformation,
-               rng: jax.Array) -> dict:
+def init_state(model: Method, tx: optax.GradientTransformation, rng: jax.Array) -> dict:
   param_rng, step_rng = jax.random.split(rng)
   params = model.init(param_rng)
-  state = {"step": jnp.zeros((), jnp.int32), "params": params,
-           "opt_state": tx.init(params), "rng": step_rng}
-  if isinstance(model, BEiTv2):
-    # Random here; build() puts the checkpoint's weights in their place.
-    state["tokenizer"] = model.init_tokenizer(jax.random.fold_in(param_rng, 1))
-  elif model.distill_decoder is not None:
-    state["ema_params"] = jax.tree.map(jnp.copy, params["encoder"])
-  return state
+  return {"step": jnp.zeros((), jnp.int32), "params": params,
+          "opt_state": tx.init(params), "rng": step_rng, **model.init_state(params, param_rng)}
 
 
-def state_layout(config, model: DDAE | BEiTv2, tx, mesh):
+def state_layout(config, model: Method, tx, mesh):
   """The state's init function, its shapes and its shardings; nothing is placed on devices.
 
   Returns:
     (init, abstract, shardings): init(rng) -> state; abstract is its
-    ShapeDtypeStruct tree; shardings the NamedSharding tree of the rules.
+    ShapeDtypeStruct tree (with the shardings); shardings the NamedSharding tree of the rules.
   """
   init = functools.partial(init_state, model, tx)
-  abstract = jax.eval_shape(init, jax.random.PRNGKey(config.seed))
-  return init, abstract, sharding.state_shardings(abstract, mesh, config.sharding.rules)
+  _, shardings, abstract = runtime.sharded_state(init, mesh, config.sharding.rules,
+                                                 jax.random.PRNGKey(config.seed),
+                                                 materialize=False)
+  return init, abstract, shardings
 
 
-def create_train_state(config, model: DDAE, tx, mesh, materialize: bool = True):
+def create_train_state(config, model: Method, tx, mesh, materialize: bool = True):
   """Initialises the state directly on the devices, sharded by the rules.
 
   Args:
@@ -69,20 +65,17 @@ def create_train_state(config, model: DDAE, tx, mesh, materialize: bool = True):
     (state or None, shardings, abstract): the state, the NamedSharding tree
     that lays it out, and ShapeDtypeStructs with those shardings.
   """
-  init, shapes, shardings = state_layout(config, model, tx, mesh)
-  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                          shapes, shardings)
-  rng = jax.random.PRNGKey(config.seed)
-  state = jax.jit(init, out_shardings=shardings)(rng) if materialize else None
-  return state, shardings, abstract
+  init = functools.partial(init_state, model, tx)
+  return runtime.sharded_state(init, mesh, config.sharding.rules,
+                               jax.random.PRNGKey(config.seed), materialize=materialize)
 
 
 def _global_norm(tree) -> jax.Array:
   return optax.tree.norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
 
 
-def train_step(model: DDAE, tx, batch_spec, num_images, state: dict, batch: dict):
-  """One DDAE step: masks, momentum targets, K reconstructions, update, eq. 4.
+def train_step(model: Method, tx, batch_spec, num_images, state: dict, batch: dict):
+  """One pretraining step: masks, the method's targets, its loss (eq. 6), update, eq. 4.
 
   Args:
     num_images: the train set's size, which the epoch-based schedules count
@@ -101,37 +94,24 @@ def train_step(model: DDAE, tx, batch_spec, num_images, state: dict, batch: dict
   mask = jax.lax.with_sharding_constraint(mask, batch_spec)
   distance = distance_map(mask, model.grid)
 
-  targets, extra = None, {}
-  if "ema_params" in state:
-    # The momentum encoder sees every patch; no gradient reaches it.
-    targets = jax.lax.stop_gradient(model.encode(state["ema_params"], images))
-    extra["distill_weight"] = optim.distill_weight(c, step, num_images)
-  if "tokenizer" in state:
-    # BEiT-v2: the frozen tokenizer's codes of the un-normalised crop.
-    targets = model.tokenize(state["tokenizer"], batch["image"])
-
+  from_state = model.targets(state, dict(batch, input=images))
   grad_fn = jax.value_and_grad(model.loss, has_aux=True)
-  (_, metrics), grads = grad_fn(state["params"], images, mask, distance, targets, **extra)
+  (_, metrics), grads = grad_fn(state["params"], images, mask, distance, **from_state)
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
 
-  new_state = dict(state, step=step + 1, params=params, opt_state=opt_state)
+  own_state, own_metrics = model.after_update(state, params)  # eq. 4 for DDAE
+  new_state = dict(state, step=step + 1, params=params, opt_state=opt_state, **own_state)
   metrics = dict(metrics, learning_rate=optim.lr_schedule(c, num_images)(step),
                  grad_norm=_global_norm(grads), param_norm=_global_norm(params),
-                 update_norm=_global_norm(updates))
-  if "ema_params" in state:
-    momentum = optim.ema_momentum(c, step, num_images)
-    new_state["ema_params"] = optim.ema_update(state["ema_params"], params["encoder"],
-                                               momentum)  # eq. 4
-    metrics["ema_momentum"] = jnp.asarray(momentum, jnp.float32)
-    metrics["distill_weight"] = extra["distill_weight"]
+                 update_norm=_global_norm(updates), **own_metrics)
   for branch, beta in params.get("beta", {}).items():
     for i, g in enumerate(model.blocks):
       metrics[f"beta/{branch}/block_{g}"] = beta[i]
   return new_state, metrics
 
 
-def make_train_step(model: DDAE, tx, mesh, state_shardings, num_images: int | None = None):
+def make_train_step(model: Method, tx, mesh, state_shardings, num_images: int | None = None):
   """jax.jit of `train_step` with the state's and batch's shardings; donates the old state."""
   batch_spec = sharding.batch_sharding(mesh)
 
@@ -153,8 +133,8 @@ def setup(config, devices, num_train_images: int | None = None) -> tuple:
     (mesh, model, tx).
   """
   config_lib.validate(config, num_devices=len(devices))
-  return (sharding.make_mesh(config.sharding.mesh, devices), make_model(config),
-          optim.make_optimizer(config, num_train_images))
+  return (sharding.make_mesh(config.sharding.mesh, devices),
+          make_model(config, num_train_images), optim.make_optimizer(config, num_train_images))
 
 
 def build(config, devices=None, materialize: bool = True, num_train_images: int | None = None):
@@ -167,18 +147,15 @@ def build(config, devices=None, materialize: bool = True, num_train_images: int 
       config.num_train_images).
 
   Returns:
-    dict with mesh, model, tx, state, shardings, abstract (the state's
-    ShapeDtypeStructs with shardings), step (the jitted train step).
+    runtime.Built with mesh, model, tx, state, shardings, abstract, step.
   """
   devices = list(jax.devices() if devices is None else devices)
   mesh, model, tx = setup(config, devices, num_train_images)
-  loaded = None
-  if materialize and config.method == "beitv2" and not config.tokenizer.random_weights:
-    loaded = model.load_tokenizer()  # read and checked before any compute
+  # Files (BEiT-v2's tokenizer) are read and checked before any compute.
+  loaded = model.load_state() if materialize else {}
   state, shardings, abstract = create_train_state(config, model, tx, mesh, materialize)
-  if loaded is not None:
-    host_tokenizer_matches(loaded, state["tokenizer"])
-    state["tokenizer"] = jax.device_put(loaded, shardings["tokenizer"])
+  for name, host in loaded.items():
+    state[name] = jax.device_put(host, shardings[name])
   step = make_train_step(model, tx, mesh, shardings, num_train_images)
-  return {"mesh": mesh, "model": model, "tx": tx, "state": state,
-          "shardings": shardings, "abstract": abstract, "step": step}
+  return runtime.Built(mesh=mesh, model=model, tx=tx, state=state, shardings=shardings,
+                       abstract=abstract, step=step)

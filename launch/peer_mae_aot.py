@@ -1,4 +1,5 @@
-r"""Compiles the KAIST-AILab MaskedAutoencoder-Jax MAE step for a TPU slice, as ddae_jax.aot does ours.
+r"""Compiles the KAIST-AILab MaskedAutoencoder-Jax MAE step for a TPU slice, as ddae_jax.aot
+does ours.
 
 The peer of BENCHMARKS.md's "MAE ViT-B vs the float32 peer" row. Its code is
 fetched at run time into peers/ (ignored by git), never committed here:

@@ -13,7 +13,8 @@ from scipy import ndimage
 from ddae_jax import config_lib
 from ddae_jax.analysis import attention, beta, distance, reconstruction
 from ddae_jax.analysis import commands as analyze
-from ddae_jax.methods.ddae import DDAE, normalize_images
+from ddae_jax.data.normalize import normalize_images
+from ddae_jax.methods.ddae import DDAE
 from ddae_jax.models.vit import patchify
 from ddae_jax.objectives.ddae import pixel_targets
 from ddae_jax.objectives.dynamic_weights import distance_map
@@ -59,7 +60,7 @@ def test_attention_distance_identity_uniform_and_a_loop():
   # Each query on its right neighbour (on itself in the last column), with
   # half of its mass on the class token: 5 px for 3 of every 4 queries.
   right = np.zeros((1, 1, t, t), np.float32)
-  for q, (r, c) in enumerate(cells):
+  for q, (_, c) in enumerate(cells):
     right[0, 0, 1 + q, 1 + q + (c < GRID[1] - 1)] = 0.5
     right[0, 0, 1 + q, 0] = 0.5
   out = attention.mean_attention_distance(right, GRID, PATCH)

@@ -33,7 +33,7 @@ def test_collectives_count_results_not_async_operands():
   %all-gather-done.2 = bf16[16,64]{1,0:T(8,128)} all-gather-done(%all-gather-start.2)
   ROOT %reduce-scatter.3 = f32[8]{0} reduce-scatter(%x), dimensions={0}
   %fusion = f32[8]{0} fusion(%all-reduce.1), kind=kLoop
-  """
+  """  # noqa: E501 (HLO lines as XLA prints them)
   assert aot.collectives(hlo) == {
       "all-reduce": {"count": 1, "bytes": 64 * 4 + 64 * 64 * 2},
       "all-gather": {"count": 1, "bytes": 16 * 64 * 2},
@@ -125,30 +125,8 @@ ENTRY %main (p: bf16[8,64]) -> f32[8] {
   %fusion.2 = f32[8]{0} fusion(%fusion.1, %p), kind=kLoop, calls=%f2, metadata={op_name="jit(train_step)/transpose(jvp(Decoder))/block_1/attn/qkv/dot_general"}
   ROOT %copy = f32[8]{0} copy(%fusion.2)
 }
-"""
+"""  # noqa: E501 (HLO lines as XLA prints them)
   assert aot.bytes_by_scope(hlo) == {
       "backward Decoder/block/attn": 8 * 4 + 8 * 256 * 2 + 8 * 64 * 2,
       "forward ViTEncoder/block/mlp": 8 * 64 * 2 + 8 * 256 * 2,
       "other": 2 * 8 * 4}
-
-
-def test_attention_auto_follows_the_target_platform():
-  """The default compiles everywhere: cuDNN only on GPUs in 16-bit, XLA elsewhere."""
-  from ddae_jax import config_lib
-  from ddae_jax.evaluation import config as eval_config
-  c = config_lib.base_config()
-  assert c.model.attention_impl == "auto" and c.model.dtype == "bfloat16"
-  assert eval_config.finetune_config("base").model.attention_impl == "auto"
-  assert [config_lib.attention_impl(c.model, p) for p in ("tpu", "cpu", "gpu", "cuda")] == [
-      "xla", "xla", "cudnn", "cudnn"]
-  assert config_lib.attention_impl(c.model) == "xla"  # these tests run on CPUs
-  c.model.dtype = "float32"
-  assert config_lib.attention_impl(c.model, "gpu") == "xla"  # cuDNN has no float32 kernel
-  for forced, impl in (("", None), ("xla", "xla"), ("cudnn", "cudnn"), ("pallas", "pallas")):
-    c.model.attention_impl = forced
-    assert config_lib.attention_impl(c.model, "tpu") == impl
-  # The Pallas kernel runs under the pretraining step's mesh only.
-  e = eval_config.finetune_config("base")
-  e.model.attention_impl = "pallas"
-  with pytest.raises(config_lib.ConfigError, match="model.attention_impl"):
-    eval_config.check(e)

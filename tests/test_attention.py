@@ -31,7 +31,7 @@ def test_xla_path_equals_jax_attention_in_float32(with_bias):
                              atol=2e-6)
   grads = [jax.grad(lambda *a, f=f: jnp.sum(f(*a, bias) ** 2), argnums=(0, 1, 2))(q, k, v)
            for f in (functools.partial(attention.attend, impl="xla"), _reference)]
-  for ours, ref in zip(*grads):
+  for ours, ref in zip(*grads, strict=True):
     np.testing.assert_allclose(ours, ref, atol=2e-5)
 
 
@@ -82,7 +82,7 @@ def test_flash_path_pads_and_masks_to_plain_attention(interpreted_kernels, with_
                   argnums=(0, 1, 2))(q, k, v)
   ref = jax.grad(lambda q, k, v: jnp.sum(_reference(q, k, v, bias) ** 2),
                  argnums=(0, 1, 2))(q, k, v)
-  for a, b in zip(ours, ref):
+  for a, b in zip(ours, ref, strict=True):
     np.testing.assert_allclose(a, b, atol=1e-4)
 
 

@@ -120,7 +120,8 @@ def test_default_masks_have_bootmaes_distance_statistics():
                                             min_patches=16, max_patches=60))
   ref_block = np.stack([beit_masking_generator(rng, grid, 120, 16, 60).reshape(-1)
                         for _ in range(400)]).astype(bool)
-  for a, b in zip(distance_statistics(block, grid), distance_statistics(ref_block, grid)):
+  for a, b in zip(distance_statistics(block, grid), distance_statistics(ref_block, grid),
+                  strict=True):
     assert a == pytest.approx(b, rel=0.06)
 
 
@@ -135,7 +136,7 @@ def test_beitv2_masks_have_beits_statistics():
   rng = random.Random(1)
   ref = np.stack([beit_masking_generator(rng, grid, 75, 16).reshape(-1)
                   for _ in range(600)]).astype(bool)
-  for a, b in zip(distance_statistics(ours, grid), distance_statistics(ref, grid)):
+  for a, b in zip(distance_statistics(ours, grid), distance_statistics(ref, grid), strict=True):
     assert a == pytest.approx(b, rel=0.06)
 
 
@@ -237,10 +238,10 @@ def test_distillation_loss_normalises_prediction_and_target():
 
 
 def test_paper_configs_default_to_bootmaes_recipe_and_mae_rows_to_maes():
-  import os
   import runpy
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  load = lambda name, arg="": runpy.run_path(os.path.join(repo, "configs", name))["get_config"](arg)
+
+  from repo_paths import repo_path
+  load = lambda name, arg="": runpy.run_path(repo_path("configs", name))["get_config"](arg)
   for name in ("vits.py", "vitb.py", "vitl.py"):
     c = load(name)
     assert (c.masking.kind, c.masking.block_ratio, c.masking.min_patches,

@@ -1,15 +1,16 @@
-"""Every config and variant loads; bad values fail early and name the field."""
+"""Every config and variant loads; bad values fail early and name the field; the attention
+implementation follows the platform."""
 
 import glob
 import os
 import runpy
 
 import pytest
+from repo_paths import REPO
 
 from ddae_jax import config_lib
 from ddae_jax import train_step as ts
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
 
 
@@ -121,3 +122,25 @@ def test_bad_config_fails_before_any_compute(monkeypatch):
 def test_unknown_variant_is_named():
   with pytest.raises(config_lib.ConfigError, match="'ep900'.*allowed"):
     load(os.path.join(REPO, "configs", "vitb.py"), "ep900")
+
+
+def test_attention_auto_follows_the_target_platform():
+  """The default compiles everywhere: cuDNN only on GPUs in 16-bit, XLA elsewhere."""
+  from ddae_jax import config_lib
+  from ddae_jax.evaluation import config as eval_config
+  c = config_lib.base_config()
+  assert c.model.attention_impl == "auto" and c.model.dtype == "bfloat16"
+  assert eval_config.finetune_config("base").model.attention_impl == "auto"
+  assert [config_lib.attention_impl(c.model, p) for p in ("tpu", "cpu", "gpu", "cuda")] == [
+      "xla", "xla", "cudnn", "cudnn"]
+  assert config_lib.attention_impl(c.model) == "xla"  # these tests run on CPUs
+  c.model.dtype = "float32"
+  assert config_lib.attention_impl(c.model, "gpu") == "xla"  # cuDNN has no float32 kernel
+  for forced, impl in (("", None), ("xla", "xla"), ("cudnn", "cudnn"), ("pallas", "pallas")):
+    c.model.attention_impl = forced
+    assert config_lib.attention_impl(c.model, "tpu") == impl
+  # The Pallas kernel runs under the pretraining step's mesh only.
+  e = eval_config.finetune_config("base")
+  e.model.attention_impl = "pallas"
+  with pytest.raises(config_lib.ConfigError, match="model.attention_impl"):
+    eval_config.check(e)

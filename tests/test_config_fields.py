@@ -12,10 +12,9 @@ import runpy
 
 import ml_collections
 import pytest
+from repo_paths import REPO
 
 from ddae_jax import config_lib, train
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Fields this run cannot read, each with the reason.
 NOT_READ_BY_DDAE = {

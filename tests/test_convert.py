@@ -13,6 +13,7 @@ import pytest
 import timm
 import timm.models.vision_transformer as vision_transformer
 import torch
+from repo_paths import REPO
 from safetensors.numpy import load_file, save_file
 from timm.layers import resample_abs_pos_embed
 
@@ -22,7 +23,6 @@ from ddae_jax.models.vit import VIT_SIZES, sincos_pos_embed
 from ddae_jax.weights import convert, pretrained, torch_vit
 
 WIDTH, DEPTH, HEADS = 64, 4, 4  # the "tiny" size
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _randomise(model, seed=0):
@@ -123,8 +123,8 @@ def test_export_loads_strictly_into_timm_with_the_same_features(pretraining_run,
   summary = convert.export_checkpoint(root, tmp_path / "vit.pth", "ema")
   assert summary["step"] == 3 and summary["dropped"] == ["feature_norm_1", "feature_norm_2",
                                                          "feature_norm_3"]
-  model = vision_transformer.VisionTransformer(img_size=32, patch_size=4, embed_dim=WIDTH, depth=DEPTH,
-                                     num_heads=HEADS, num_classes=0)
+  model = vision_transformer.VisionTransformer(img_size=32, patch_size=4, embed_dim=WIDTH,
+                                               depth=DEPTH, num_heads=HEADS, num_classes=0)
   model.load_state_dict(torch.load(tmp_path / "vit.pth", weights_only=True), strict=True)
   with torch.no_grad():
     want = model.eval().forward_features(_nchw(images)).numpy()
@@ -138,8 +138,9 @@ def test_mae_layouts_load_strictly_with_head_and_global_pool(pretraining_run, tm
   sd = load_file(str(tmp_path / "mae.safetensors"))
   assert "fc_norm.weight" in sd and "norm.weight" not in sd and not sd["head.weight"].any()
   # timm's global_pool="avg" has MAE models_vit's keys (fc_norm, no norm, head).
-  model = vision_transformer.VisionTransformer(img_size=32, patch_size=4, embed_dim=WIDTH, depth=DEPTH,
-                                     num_heads=HEADS, num_classes=10, global_pool="avg")
+  model = vision_transformer.VisionTransformer(img_size=32, patch_size=4, embed_dim=WIDTH,
+                                               depth=DEPTH, num_heads=HEADS, num_classes=10,
+                                               global_pool="avg")
   model.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=True)
   with torch.no_grad():
     pooled = model.eval().forward_head(model.forward_features(_nchw(images)), pre_logits=True)

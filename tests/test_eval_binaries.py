@@ -52,7 +52,7 @@ def test_finetune_restores_the_encoder_and_takes_sharded_steps(pretrained_dir):
   workdir, params = pretrained_dir
   config = _config("finetune", workdir, **{"aug.randaug_ops": 0})
   built = finetune.build(config, num_train_images=64)
-  state = built["state"]
+  state = built.state
   encoder = jax.device_get(state["params"]["encoder"])
   np.testing.assert_array_equal(encoder["block_1"]["attn"]["qkv"]["kernel"],
                                 params["block_1"]["attn"]["qkv"]["kernel"])
@@ -62,16 +62,16 @@ def test_finetune_restores_the_encoder_and_takes_sharded_steps(pretrained_dir):
   batch = {"image": rng.integers(0, 256, (16, IMAGE, IMAGE, 3), np.uint8),
            "label": rng.integers(0, 10, 16).astype(np.int32),
            "erase": np.tile(np.asarray([[2, 3, 5, 4]], np.int32), (16, 1))}
-  batch = jax.device_put(batch, built["batch_sharding"])
+  batch = jax.device_put(batch, built.batch_sharding)
   losses = []
   for _ in range(2):
-    state, metrics = built["step"](state, batch)
+    state, metrics = built.step(state, batch)
     losses.append(float(metrics["loss"]))
   assert np.isfinite(losses).all() and int(state["step"]) == 2
   moved = jax.device_get(state["params"]["encoder"]["patch_embed"]["kernel"])
   assert not np.allclose(moved, params["patch_embed"]["kernel"])  # the encoder trains too
-  sums = built["eval_step"](state, dict(batch, mask=jax.device_put(
-      np.arange(16) < 11, built["batch_sharding"])))
+  sums = built.eval_step(state, dict(batch, mask=jax.device_put(
+      np.arange(16) < 11, built.batch_sharding)))
   assert float(sums["count"]) == 11
 
 

@@ -38,8 +38,8 @@ def test_resume_restores_into_the_abstract_state_without_a_fresh_one(tmp_path, m
   workdir = str(tmp_path / "run")
   config = _epochs(2.0)  # 32 steps: the checkpoint below is the end, so no step runs
   built = ts.build(config)
-  state = dict(built["state"], step=jnp.asarray(32, jnp.int32))
-  state_bytes = sum(x.nbytes for x in jax.tree.leaves(built["state"]))
+  state = dict(built.state, step=jnp.asarray(32, jnp.int32))
+  state_bytes = sum(x.nbytes for x in jax.tree.leaves(built.state))
   ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), 1, 3, use_async=False)
   ckpt.save(32, state, data_position=512, force=True)
   ckpt.close()

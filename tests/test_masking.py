@@ -19,11 +19,11 @@ def test_blockwise_exact_count_and_rectangles(grid, ratio):
   fills = []
   for b in range(mask.shape[0]):
     union = np.zeros(grid, bool)
-    for t, l, h, w, ok in zip(rects.top[b], rects.left[b], rects.height[b], rects.width[b],
-                              rects.accepted[b]):
+    for t, left, h, w, ok in zip(rects.top[b], rects.left[b], rects.height[b], rects.width[b],
+                                 rects.accepted[b], strict=True):
       if ok:
         assert 1 <= h < grid[0] and 1 <= w < grid[1]
-        union[t:t + h, l:l + w] = True
+        union[t:t + h, left:left + w] = True
     union = union.reshape(-1)
     # Every masked patch outside the rectangles came from the fill step...
     assert not np.any(union & ~mask[b])

@@ -3,22 +3,11 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+from references import mae_loss_numpy
 
 from ddae_jax.objectives import ddae as objective
 from ddae_jax.objectives import dynamic_weights as dw
 from ddae_jax.objectives import masking
-
-
-def _mae_loss_numpy(imgs_nchw, pred, mask, p):
-  """MAE's forward_loss with norm_pix_loss=True, transcribed to NumPy."""
-  n, c, h, w = imgs_nchw.shape
-  x = imgs_nchw.reshape(n, c, h // p, p, w // p, p)
-  target = np.einsum("nchpwq->nhwpqc", x).reshape(n, (h // p) * (w // p), p * p * c)
-  mean = target.mean(-1, keepdims=True)
-  var = target.var(-1, ddof=1, keepdims=True)  # torch's var is unbiased
-  target = (target - mean) / (var + 1e-6) ** 0.5
-  loss = ((pred - target) ** 2).mean(-1)
-  return (loss * mask).sum() / mask.sum()
 
 
 def test_uniform_single_block_loss_is_mae_norm_pix_loss():
@@ -32,7 +21,7 @@ def test_uniform_single_block_loss_is_mae_norm_pix_loss():
       objective.per_patch_error(jnp.asarray(pred), target), weights, jnp.asarray(mask),
       "num_masked")
   got = float(objective.deep_loss(per_block, (1.0,)))
-  want = _mae_loss_numpy(images.transpose(0, 3, 1, 2), pred[:, 0], mask, 4)
+  want = mae_loss_numpy(images.transpose(0, 3, 1, 2), pred[:, 0], mask, 4)
   np.testing.assert_allclose(got, want, rtol=1e-5)
 
 

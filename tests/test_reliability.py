@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import trainer_utils as tu
 
-from ddae_jax import config_checks, config_lib, train
+from ddae_jax import config_checks, config_lib, runtime, train
 from ddae_jax.weights import checkpoints, pretrained
 
 
@@ -21,7 +21,7 @@ def _small_state(width=4):
 
 def _abstract(state):
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  return checkpoints.abstract_like(jax.eval_shape(lambda: state),
+  return runtime.with_shardings(jax.eval_shape(lambda: state),
                                    jax.tree.map(lambda _: sharding, state))
 
 
@@ -188,7 +188,7 @@ def test_smoke_run_logs_every_step_on_real_data(tmp_path):
   proc = tu.run(tu.main_cmd(str(workdir), "--config.data.source=digits",
                             config="configs/tiny.py:smoke"), 1)
   assert proc.returncode == 0, proc.stdout[-3000:]
-  rows = [json.loads(l) for l in open(workdir / "metrics.jsonl") if '"loss"' in l]
+  rows = [json.loads(line) for line in open(workdir / "metrics.jsonl") if '"loss"' in line]
   assert [r["step"] for r in rows] == list(range(1, 21))
   assert tu.checkpoint_steps(str(workdir))[-2:] == [10, 20]  # (Orbax also saves the first step)
   # The config is saved as given; what the run derived from its data is in run.json.

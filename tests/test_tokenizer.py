@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from repo_paths import repo_path
 from timm.models import beit
 
 from ddae_jax.models.tokenizer import VQKDTokenizer, tokenizer_input
@@ -137,7 +138,7 @@ def test_missing_or_mismatched_checkpoint_fails_before_any_compute(checkpoint, m
   from ddae_jax import train_step as ts
   called = []
   monkeypatch.setattr(ts, "create_train_state", lambda *a: called.append(1))
-  c = runpy.run_path("configs/beitv2_vitb.py")["get_config"]("")
+  c = runpy.run_path(repo_path("configs/beitv2_vitb.py"))["get_config"]("")
   c.tokenizer.checkpoint = "/nonexistent/vqkd.pth"
   with pytest.raises(config_lib.ConfigError, match="config.tokenizer.checkpoint.*nonexistent"):
     ts.build(c, jax.devices()[:8])

@@ -113,8 +113,8 @@ def test_two_processes_match_one_process(tmp_path):
   atol = 0.2 * 1e-3 * 16 / 256
   for path, leaf in _leaves(a):
     np.testing.assert_allclose(leaf, flat_b[path], rtol=1e-5, atol=atol, err_msg=path)
-  rows = [[json.loads(l) for l in open(os.path.join(w, "metrics.jsonl")) if '"loss"' in l]
-          for w in (one, two)]
+  rows = [[json.loads(line) for line in open(os.path.join(w, "metrics.jsonl"))
+           if '"loss"' in line] for w in (one, two)]
   assert rows[0][-1]["loss"] == pytest.approx(rows[1][-1]["loss"], rel=1e-6)
 
 

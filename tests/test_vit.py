@@ -137,7 +137,7 @@ def test_patchify_roundtrip_and_mae_order():
                                 images)
 
 
-# ------------------------------------------------ BEiT's student: shared rel. pos. bias, layer scale
+# ----------------------------------------------- BEiT's student: shared rel. pos. bias, layer scale
 @pytest.fixture(scope="module")
 def timm_beit():
   """timm's Beit as BEiT-v2 pretrains it: no absolute positions, one shared table, gamma."""

@@ -8,10 +8,8 @@ import sys
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from conftest import FAST_COMPILE
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from repo_paths import REPO
 
 
 def env(devices: int, tensorboard: bool = False) -> dict:
@@ -60,6 +58,7 @@ def free_port() -> int:
 
 def load_state(workdir, step, config_overrides=None):
   """The checkpointed train state of `step` as NumPy arrays, on this process's device."""
+  from ddae_jax import runtime
   from ddae_jax import train_step as ts
   from ddae_jax.weights import checkpoints
   config = runpy.run_path(os.path.join(REPO, "configs/tiny.py"))["get_config"]("")
@@ -67,11 +66,9 @@ def load_state(workdir, step, config_overrides=None):
     section, _, name = key.rpartition(".")
     (config[section] if section else config)[name] = value
   built = ts.build(config, jax.devices()[:1])
-  abstract = checkpoints.abstract_like(built["state"], built["shardings"])
-  manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
-                                  item_names=("state", "data"))
-  out = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+  abstract = runtime.with_shardings(built.state, built.shardings)
+  manager = checkpoints.open_manager(os.path.join(workdir, "checkpoints"), read_only=True)
+  out = manager.restore(step, args=checkpoints.restore_args(abstract))
   manager.close()
   return jax.tree.map(np.asarray, out["state"]), out["data"]
 

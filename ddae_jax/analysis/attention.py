@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddae_jax.methods.ddae import make_encoder
+from ddae_jax.methods.base import make_encoder
 from ddae_jax.models.vit import ViTEncoder
 
 
@@ -91,7 +91,7 @@ def analysis_encoder(config, encoder_params: dict) -> ViTEncoder:
   pos_embed = "learned" if "pos_embed" in encoder_params else "sincos"
   if config.model.get("pos_embed") == "none":  # BEiT's student: relative positions only
     pos_embed = "none"
-  encoder = make_encoder(config, pos_embed)
+  encoder = make_encoder(config, pos_embed=pos_embed)
   return encoder.clone(feature_blocks=(encoder.depth,), dtype=jnp.float32, remat=False,
                        attention_impl=None, capture_attention=True)
 
@@ -108,7 +108,6 @@ def block_attention(encoder: ViTEncoder, encoder_params: dict,
   # sow appends to a tuple, one entry per call: this is the only call.
   return jnp.stack([inter[f"block_{i}"]["attn"]["attention"][0]
                     for i in range(encoder.depth)])
-  return run(encoder_params, images)
 
 
 # Modules are hashable dataclasses, so checkpoints of one architecture share one compile.

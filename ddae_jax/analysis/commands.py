@@ -1,10 +1,6 @@
 """The paper's figures from your own runs: PNGs plus the numbers behind them (JSON).
 
-Every command writes <out>/<command>.png and <out>/<command>.json (default
---out: the current directory). `python -m ddae_jax.analyze <command> --help`
-describes each. A workdir is a pretraining run's directory (or one written by
-`convert import` / `pretrained.save_encoder`); runs without a config.json need
---config. Everything runs on the CPU when no accelerator is present.
+The library of `python -m ddae_jax.analyze`; its usage and options: ddae_jax/analyze.py.
 """
 
 from __future__ import annotations
@@ -21,7 +17,7 @@ import numpy as np
 
 # ------------------------------------------------------------------ loading runs
 def load_run_config(workdir: str, config_path: str | None):
-  """The config saved in `workdir`, else the one at `config_path` (a .py file[:variants] or .json)."""
+  """The config saved in `workdir`, else the one at `config_path` (.py[:variants] or .json)."""
   from ddae_jax.weights import pretrained
   config = pretrained.load_config(workdir)
   if config is not None:
@@ -122,7 +118,7 @@ def cmd_distance_maps(args) -> dict:
 def cmd_beta(args) -> dict:
   from ddae_jax.analysis import beta, plots
   runs = {}
-  for label, workdir in zip(_labels(args), args.workdir):
+  for label, workdir in zip(_labels(args), args.workdir, strict=True):
     curves = beta.beta_curves(beta.read_metrics(workdir))
     if not curves:
       raise SystemExit(f"{workdir}/metrics.jsonl has no beta/* metrics (a run with "
@@ -142,10 +138,10 @@ def _attention(args, block: int | None) -> tuple[dict, np.ndarray | None]:
 
   from ddae_jax.analysis import attention
   from ddae_jax.analysis.reconstruction import to_display
-  from ddae_jax.methods.ddae import normalize_images
+  from ddae_jax.data.normalize import normalize_images
   from ddae_jax.weights import pretrained
   results, shown = {}, None
-  for label, workdir in zip(_labels(args), args.workdir):
+  for label, workdir in zip(_labels(args), args.workdir, strict=True):
     config = load_run_config(workdir, args.config)
     state, step = pretrained.restore_state(workdir, args.step)
     params = pretrained.encoder_from_state(state, args.encoder)

@@ -48,7 +48,7 @@ def reconstructions(data: dict, blocks, path) -> None:
     panels += [(data["weights"][i, j], f"weight b{g}", dict(cmap="viridis", vmin=0, vmax=1))
                for j, g in enumerate(blocks)]
     panels += [(data["reconstruction"][i, j], f"recon b{g}", {}) for j, g in enumerate(blocks)]
-    for ax, (img, title, kw) in zip(axes[i], panels):
+    for ax, (img, title, kw) in zip(axes[i], panels, strict=True):
       ax.imshow(img, interpolation="nearest", **kw)
       _blank(ax)
       if i == 0:
@@ -91,7 +91,7 @@ def beta_curves(runs: dict[str, dict], path, x: str = "step", zoom_from: float =
   colours = {g: plt.cm.viridis(i / max(len(blocks) - 1, 1)) for i, g in enumerate(blocks)}
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
   for r, (label, curves) in enumerate(runs.items()):
-    for name, c in curves.items():
+    for c in curves.values():
       xs = np.asarray(c[x], np.float64)
       ys = np.asarray(c["value"], np.float64)
       branch = "" if c["branch"] == "shared" else f" {c['branch']}"
@@ -100,7 +100,8 @@ def beta_curves(runs: dict[str, dict], path, x: str = "step", zoom_from: float =
       axes[0].plot(xs, ys, **kw)
       keep = xs >= xs.min() + zoom_from * (xs.max() - xs.min())
       axes[1].plot(xs[keep], ys[keep], **kw)
-  for ax, title in zip(axes, ["beta over training", f"from {zoom_from:.0%} of training on"]):
+  for ax, title in zip(axes, ["beta over training", f"from {zoom_from:.0%} of training on"],
+                       strict=True):
     ax.set_xlabel(x)
     ax.set_ylabel("beta")
     ax.set_title(title, fontsize=10)
@@ -156,7 +157,7 @@ def attention_distance(distances: dict[str, np.ndarray], path,
   plt = _pyplot()
   fig, axes = plt.subplots(1, len(distances), figsize=(4.2 * len(distances), 3.4),
                            sharey=True, squeeze=False)
-  for ax, (label, d) in zip(axes[0], distances.items()):
+  for ax, (label, d) in zip(axes[0], distances.items(), strict=True):
     depth, heads = d.shape
     for h in range(heads):
       ax.scatter(np.arange(1, depth + 1), d[:, h], s=12, label=f"head {h}")

@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddae_jax.methods.ddae import DDAE, IMAGENET_MEAN, IMAGENET_STD, normalize_images
+from ddae_jax.data.normalize import IMAGENET_MEAN, IMAGENET_STD, normalize_images
+from ddae_jax.methods.ddae import DDAE
 from ddae_jax.models.decoder import decode_per_block
 from ddae_jax.models.vit import patchify, unpatchify
 from ddae_jax.objectives import ddae as objective

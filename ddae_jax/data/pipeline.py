@@ -73,7 +73,7 @@ class TrainLoader:
     images, skipped, end = [], 0, self._cursor
     while len(images) < self.local_batch:
       chunk = [next(self._records) for _ in range(self.local_batch - len(images))]
-      for record, view in zip(chunk, self._pool.map(self._view, chunk)):
+      for record, view in zip(chunk, self._pool.map(self._view, chunk), strict=True):
         end = record[0] + 1
         if view is None:
           skipped += 1

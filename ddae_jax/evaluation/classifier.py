@@ -15,16 +15,18 @@ supervised intermediate blocks; no classifier reads intermediate blocks, so
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
-from ddae_jax import config_lib
+from ddae_jax import config_lib, sharding
 from ddae_jax.models.vit import VIT_SIZES, ViTEncoder, sincos_pos_embed
-from ddae_jax.weights import pretrained, torch_vit
+from ddae_jax.weights import checkpoints, pretrained, torch_vit
 
 
 class ViTClassifier(nn.Module):
@@ -139,3 +141,48 @@ def encoder_for_classifier(found: dict, expected: dict, image_size: int,
       params["pos_embed"] = torch_vit.resample_pos_embed(pos, grid)
   pretrained.check_encoder(params, expected, what=where)
   return params
+
+
+def restore_encoder(config, expected: dict, image_size: int, patch_size: int) -> dict | None:
+  """The chosen encoder of config.init_dir as host arrays, fitted to `expected`.
+
+  None when config.random_init (the randomly initialised baseline).
+
+  Raises:
+    ConfigError: no init_dir given.
+    CheckpointMissing: the workdir or its checkpoint does not exist.
+    CheckpointMismatch: the checkpoint holds another model size; the message
+      names the expected and the found architecture and every differing shape.
+  """
+  if config.random_init:
+    logging.warning("config.random_init: evaluating a randomly initialised encoder")
+    return None
+  init_dir = config.init_dir
+  if not init_dir:
+    raise config_lib.ConfigError(
+        "config.init_dir = '' is invalid: allowed a pretraining workdir "
+        "(--config.init_dir=DIR holding checkpoints/<step>/state)")
+  if not epath.Path(init_dir).exists():
+    raise checkpoints.CheckpointMissing(
+        f"config.init_dir = {init_dir!r}: expected a pretraining workdir with "
+        "checkpoints/<step>/state, found no such directory")
+  step = None if config.init_step < 0 else int(config.init_step)
+  found, step = pretrained.load_encoder(init_dir, config.encoder, step)
+  where = f"checkpoint {init_dir} (step {step}, {config.encoder} encoder)"
+  saved = pretrained.load_config(init_dir)
+  if saved is not None and "model" in saved:
+    where += f", pretrained as model.size={saved.model.get('size')!r}"
+  params = encoder_for_classifier(found, expected, image_size, patch_size, where)
+  logging.info("Restored the %s encoder of %s, step %d", config.encoder, init_dir, step)
+  return params
+
+
+def frozen_encoder_params(config, encoder: ViTEncoder, mesh):
+  """The pretrained (or, with config.random_init, random) encoder, replicated on the mesh."""
+  size = config.model.image_size
+  expected = expected_encoder(encoder, size)
+  params = restore_encoder(config, expected, size, config.model.patch_size)
+  if params is None:
+    images = jnp.zeros((1, size, size, 3), jnp.float32)
+    params = encoder.init(jax.random.PRNGKey(config.seed), images)["params"]
+  return jax.device_put(params, sharding.replicated(mesh))

@@ -104,16 +104,11 @@ def finetune_config(size: str = "base") -> ml_collections.ConfigDict:
   o.weight_decay = 0.05
   o.b1, o.b2 = 0.9, 0.999
   o.grad_clip_norm = 0.0        # MAE fine-tunes without clipping
-  c.aug = ml_collections.ConfigDict()
-  c.aug.randaug_ops = 2         # timm 'rand-m9-mstd0.5-inc1'
-  c.aug.randaug_magnitude = 9.0
-  c.aug.randaug_magnitude_std = 0.5
-  c.aug.reprob = 0.25           # random erasing, per-pixel normal noise
-  c.aug.mixup = 0.8             # Beta(alpha) of mixup
-  c.aug.cutmix = 1.0            # Beta(alpha) of cutmix
-  c.aug.mix_prob = 1.0
-  c.aug.switch_prob = 0.5
-  c.aug.label_smoothing = 0.1
+  c.aug = ml_collections.ConfigDict(dict(
+      randaug_ops=2, randaug_magnitude=9.0, randaug_magnitude_std=0.5,  # 'rand-m9-mstd0.5-inc1'
+      reprob=0.25,                # random erasing, per-pixel normal noise
+      mixup=0.8, cutmix=1.0,      # Beta(alpha) of mixup and of cutmix
+      mix_prob=1.0, switch_prob=0.5, label_smoothing=0.1))
   return c
 
 

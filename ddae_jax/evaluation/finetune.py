@@ -1,21 +1,20 @@
 """Fine-tunes a pretrained encoder end to end (the BEiT/MAE protocol of Appendix A).
 
-AdamW with layer-wise lr decay, drop path, RandAugment, random erasing,
-mixup/cutmix with label smoothing; evaluation on centre crops. Rerunning the
-command resumes from the workdir's latest checkpoint.
+The library of `python -m ddae_jax.finetune`; its usage and options: ddae_jax/finetune.py.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from ddae_jax import config_lib, sharding
-from ddae_jax.evaluation import classifier, common, input_pipeline, loop, mixup, optimizers
-from ddae_jax.methods.ddae import normalize_images
+from ddae_jax import optim, runtime, sharding
+from ddae_jax.data.normalize import normalize_images
+from ddae_jax.evaluation import classifier, input_pipeline, loop, mixup, scoring
 from ddae_jax.models.vit import VIT_SIZES
 
 
@@ -24,12 +23,9 @@ def make_optimizer(config, params, num_images: int | None = None
   """(AdamW with BEiT's layer-wise decay, its lr schedule: warm-up to base_lr * batch / 256,
   then cosine to min_lr); epochs count `num_images` (None: config.num_train_images)."""
   o = config.optim
-  schedule = optimizers.warmup_cosine(
-      config_lib.learning_rate(config),
-      config_lib.epochs_to_steps(config, o.warmup_epochs, num_images),
-      config_lib.total_steps(config, num_images), o.min_lr)
+  schedule = optim.lr_schedule(config, num_images)
   depth = VIT_SIZES[config.model.size][1]
-  return optimizers.adamw_layer_decay(schedule, params, depth, o.layer_decay, o.weight_decay,
+  return optim.adamw_layer_decay(schedule, params, depth, o.layer_decay, o.weight_decay,
                                       o.b1, o.b2, o.grad_clip_norm), schedule
 
 
@@ -58,16 +54,16 @@ def train_step(model, tx, schedule, config, state, batch):
 
 def eval_step(model, params, batch) -> dict:
   logits = model.apply({"params": params}, normalize_images(batch["image"]))
-  return common.classification_sums(logits, batch["label"], batch["mask"])
+  return scoring.classification_sums(logits, batch["label"], batch["mask"])
 
 
-def make_step(config, mesh, batch_spec, num_train_images: int | None = None) -> dict:
+def make_step(config, mesh, batch_spec, num_train_images: int | None = None) -> runtime.Built:
   """The classifier, its state's init function, shapes and shardings, and the jitted
-  train step; nothing is placed on devices (ddae_jax/aot.py compiles from this).
+  train step; nothing is placed on devices (ddae_jax/perf/aot.py compiles from this).
 
   Returns:
-    dict with model, init_state(rng, encoder_params or None), abstract (the
-    state's ShapeDtypeStruct tree), shardings, step.
+    runtime.Built without a state: model, tx, init_state(rng, encoder_params or
+    None), abstract, shardings, step, batch_sharding.
   """
   model = classifier.classifier_from_config(config)
   size = config.model.image_size
@@ -84,34 +80,35 @@ def make_step(config, mesh, batch_spec, num_train_images: int | None = None) -> 
             "opt_state": tx.init(params), "rng": step_rng}
 
   # A restored encoder has the shapes of a fresh one, so the layout is the same.
-  abstract = jax.eval_shape(init_state, jax.random.PRNGKey(config.seed), None)
-  shardings = sharding.state_shardings(abstract, mesh, config.sharding.rules)
+  _, shardings, abstract = runtime.sharded_state(
+      init_state, mesh, config.sharding.rules, jax.random.PRNGKey(config.seed), None,
+      materialize=False)
   step = jax.jit(functools.partial(train_step, model, tx, schedule, config),
                  in_shardings=(shardings, batch_spec),
                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
-  return {"model": model, "init_state": init_state, "abstract": abstract,
-          "shardings": shardings, "step": step}
+  return runtime.Built(mesh=mesh, state=None, shardings=shardings, step=step,
+                       abstract=abstract, model=model, tx=tx, init_state=init_state,
+                       batch_sharding=batch_spec)
 
 
 def build(config, devices=None, num_train_images: int | None = None):
   """Mesh, model, state (pretrained encoder inside), jitted train and eval steps.
 
   Returns:
-    dict with mesh, model, state, shardings, step, eval_step.
+    runtime.Built: make_step's, with the state and eval_step.
   """
   mesh, batch_spec = loop.setup(config, devices)
   parts = make_step(config, mesh, batch_spec, num_train_images)
-  model, shardings = parts["model"], parts["shardings"]
-  encoder = common.restore_encoder(config, parts["abstract"]["params"]["encoder"],
-                                   config.model.image_size, config.model.patch_size)
-  state = jax.jit(parts["init_state"], out_shardings=shardings)(
-      jax.random.PRNGKey(config.seed), encoder)
+  model, shardings = parts.model, parts.shardings
+  encoder = classifier.restore_encoder(config, parts.abstract["params"]["encoder"],
+                                       config.model.image_size, config.model.patch_size)
+  state, _, _ = runtime.sharded_state(parts.init_state, mesh, config.sharding.rules,
+                                      jax.random.PRNGKey(config.seed), encoder)
   evaluate = jax.jit(functools.partial(eval_step, model),
                      in_shardings=(shardings["params"], batch_spec),
                      out_shardings=sharding.replicated(mesh))
-  return {"mesh": mesh, "model": model, "state": state, "shardings": shardings,
-          "step": parts["step"], "eval_step": lambda s, b: evaluate(s["params"], b),
-          "batch_sharding": batch_spec}
+  return dataclasses.replace(parts, state=state,
+                             eval_step=lambda s, b: evaluate(s["params"], b))
 
 
 def train_and_evaluate(config, workdir: str) -> dict:

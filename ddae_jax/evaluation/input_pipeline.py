@@ -105,11 +105,11 @@ def eval_batches(examples: Iterator, num_batches: int, local_batch: int, shardin
   view = lambda ex: augment.center_view(ex[0], image_size, resize)
   with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
     for _ in range(num_batches):
-      chunk = [ex for _, ex in zip(range(local_batch), examples)]
+      chunk = [ex for _, ex in zip(range(local_batch), examples, strict=False)]
       images = np.zeros((local_batch, image_size, image_size, 3), np.uint8)
       labels = np.zeros((local_batch,), np.int32)
       mask = np.zeros((local_batch,), bool)
-      for i, (ex, img) in enumerate(zip(chunk, pool.map(view, chunk))):
+      for i, (ex, img) in enumerate(zip(chunk, pool.map(view, chunk), strict=True)):
         images[i], labels[i], mask[i] = img, ex[1], True
       yield {k: jax.make_array_from_process_local_data(sharding, v)
              for k, v in (("image", images), ("label", labels), ("mask", mask))}

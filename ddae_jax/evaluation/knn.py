@@ -1,10 +1,6 @@
 """Weighted k-NN classification on frozen features (DINO's protocol): a quick proxy.
 
-Features of centre crops are L2-normalised; each validation image takes its
-k = 20 most cosine-similar training images, each voting for its label with
-weight exp(similarity / 0.07); top-1/top-5 rank the summed votes and the
-loss is -log of the label's share of the votes. Nothing trains, so there is
-no checkpoint: the metrics go to the workdir (CLU, metrics.jsonl, results.json).
+The library of `python -m ddae_jax.knn`; its usage and options: ddae_jax/knn.py.
 """
 
 from __future__ import annotations
@@ -15,11 +11,10 @@ import logging
 import jax
 import jax.numpy as jnp
 
-from ddae_jax import metrics, sharding
-from ddae_jax.evaluation import classifier, common, input_pipeline
+from ddae_jax import config_lib, metrics, sharding
+from ddae_jax.data.normalize import normalize_images
+from ddae_jax.evaluation import classifier, input_pipeline, scoring
 from ddae_jax.evaluation import config as eval_config
-from ddae_jax.evaluation.linear_probe import frozen_encoder_params
-from ddae_jax.methods.ddae import normalize_images
 
 
 def embed(encoder, pooling, params, batch) -> dict:
@@ -50,7 +45,7 @@ def knn_sums(k, temperature, num_classes, bank, batch) -> dict:
   votes = knn_votes(batch["feature"], bank["feature"], bank["label"], bank["mask"], k,
                     temperature, num_classes)
   share = votes / jnp.maximum(votes.sum(-1, keepdims=True), 1e-30)
-  return common.classification_sums(jnp.log(share + 1e-8), batch["label"], batch["mask"])
+  return scoring.classification_sums(jnp.log(share + 1e-8), batch["label"], batch["mask"])
 
 
 def evaluate(config, devices=None) -> dict:
@@ -60,7 +55,7 @@ def evaluate(config, devices=None) -> dict:
   mesh = sharding.make_mesh(config.sharding.mesh, devices)
   batch_spec = sharding.batch_sharding(mesh)
   encoder = classifier.frozen_encoder(config)
-  params = frozen_encoder_params(config, encoder, mesh)
+  params = classifier.frozen_encoder_params(config, encoder, mesh)
   embed_fn = jax.jit(functools.partial(embed, encoder, config.model.pooling),
                      out_shardings=batch_spec)
   n_train, batches = input_pipeline.eval_loader(config, config.data.train_split, batch_spec,
@@ -72,22 +67,22 @@ def evaluate(config, devices=None) -> dict:
   logging.info("k-NN bank: %d training images (%d rows with padding)", n_train,
                bank["mask"].shape[0])
   if config.knn.k > n_train:
-    raise eval_config.ConfigError(
+    raise config_lib.ConfigError(
         f"config.knn.k = {config.knn.k} is invalid: allowed at most the {n_train} "
         "training images")
   score = jax.jit(functools.partial(knn_sums, config.knn.k, config.knn.temperature,
                                     config.model.num_classes),
                   out_shardings=sharding.replicated(mesh))
   _, val = input_pipeline.eval_loader(config, config.data.eval_split, batch_spec)
-  return common.accumulate(lambda b: score(bank, embed_fn(params, b)), val)
+  return scoring.accumulate(lambda b: score(bank, embed_fn(params, b)), val)
 
 
 def run(config, workdir: str) -> dict:
   results = evaluate(config)
   writer = metrics.create_writer(str(workdir))
   writer.write_hparams(config.to_dict())
-  common.log_eval(writer, 0, results, prefix="knn")
+  scoring.log_eval(writer, 0, results, prefix="knn")
   writer.close()
-  common.write_results(workdir, results)
+  scoring.write_results(workdir, results)
   return results
 

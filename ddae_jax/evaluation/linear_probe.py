@@ -1,9 +1,6 @@
 """Linear probing of a frozen pretrained encoder (MAE's protocol, Appendix A).
 
-The encoder stays frozen (it is not part of the train state and gets no
-gradient); BatchNorm without affine parameters and a linear head train with
-LARS (momentum 0.9, base lr 0.1 * batch / 256, no weight decay). Rerunning the
-command resumes; the encoder is read again from config.init_dir.
+The library of `python -m ddae_jax.linear_probe`; its usage and options: ddae_jax/linear_probe.py.
 """
 
 from __future__ import annotations
@@ -14,20 +11,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ddae_jax import config_lib, sharding
-from ddae_jax.evaluation import classifier, common, input_pipeline, loop, optimizers
-from ddae_jax.methods.ddae import normalize_images
-
-
-def frozen_encoder_params(config, encoder: classifier.nn.Module, mesh):
-  """The pretrained (or, with config.random_init, random) encoder, replicated on the mesh."""
-  size = config.model.image_size
-  expected = classifier.expected_encoder(encoder, size)
-  params = common.restore_encoder(config, expected, size, config.model.patch_size)
-  if params is None:
-    images = jnp.zeros((1, size, size, 3), jnp.float32)
-    params = encoder.init(jax.random.PRNGKey(config.seed), images)["params"]
-  return jax.device_put(params, sharding.replicated(mesh))
+from ddae_jax import optim, runtime, sharding
+from ddae_jax.data.normalize import normalize_images
+from ddae_jax.evaluation import classifier, input_pipeline, loop, scoring
 
 
 def train_step(encoder, head, tx, schedule, pooling, encoder_params, state, batch):
@@ -55,32 +41,27 @@ def eval_step(encoder, head, pooling, encoder_params, state, batch) -> dict:
                                         normalize_images(batch["image"]), pooling)
   logits = head.apply({"params": state["params"], "batch_stats": state["batch_stats"]},
                       features, train=False)
-  return common.classification_sums(logits, batch["label"], batch["mask"])
+  return scoring.classification_sums(logits, batch["label"], batch["mask"])
 
 
 def build(config, devices=None, num_train_images: int | None = None):
   """Mesh, frozen encoder, head state, jitted train and eval steps."""
   mesh, batch_spec = loop.setup(config, devices)
   encoder = classifier.frozen_encoder(config)
-  encoder_params = frozen_encoder_params(config, encoder, mesh)
+  encoder_params = classifier.frozen_encoder_params(config, encoder, mesh)
   head = classifier.ProbeHead(config.model.num_classes)
   width = encoder.width
   o = config.optim
-  schedule = optimizers.warmup_cosine(
-      config_lib.learning_rate(config),
-      config_lib.epochs_to_steps(config, o.warmup_epochs, num_train_images),
-      config_lib.total_steps(config, num_train_images), o.min_lr)
-  tx = optimizers.lars(schedule, o.momentum, o.weight_decay, o.trust_coefficient)
+  schedule = optim.lr_schedule(config, num_train_images)
+  tx = optim.lars(schedule, o.momentum, o.weight_decay, o.trust_coefficient)
 
   def init_state(rng):
     variables = head.init(rng, jnp.zeros((2, width)), train=False)
     return {"step": jnp.zeros((), jnp.int32), "params": variables["params"],
             "batch_stats": variables["batch_stats"], "opt_state": tx.init(variables["params"])}
 
-  rng = jax.random.PRNGKey(config.seed)
-  shardings = sharding.state_shardings(jax.eval_shape(init_state, rng), mesh,
-                                       config.sharding.rules)
-  state = jax.jit(init_state, out_shardings=shardings)(rng)
+  state, shardings, _ = runtime.sharded_state(init_state, mesh, config.sharding.rules,
+                                              jax.random.PRNGKey(config.seed))
   pooling = config.model.pooling
   # The encoder goes in as an argument: closed over, jit would embed it as a constant.
   step = jax.jit(functools.partial(train_step, encoder, head, tx, schedule, pooling),
@@ -88,10 +69,10 @@ def build(config, devices=None, num_train_images: int | None = None):
                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=1)
   evaluate = jax.jit(functools.partial(eval_step, encoder, head, pooling),
                      out_shardings=sharding.replicated(mesh))
-  return {"mesh": mesh, "state": state, "shardings": shardings,
-          "step": lambda s, b: step(encoder_params, s, b),
-          "eval_step": lambda s, b: evaluate(encoder_params, s, b),
-          "batch_sharding": batch_spec}
+  return runtime.Built(mesh=mesh, state=state, shardings=shardings,
+                       step=lambda s, b: step(encoder_params, s, b),
+                       eval_step=lambda s, b: evaluate(encoder_params, s, b),
+                       model=head, tx=tx, batch_sharding=batch_spec)
 
 
 def train_and_evaluate(config, workdir: str) -> dict:

@@ -10,15 +10,14 @@ notice) saves and stops; rerunning the command resumes.
 from __future__ import annotations
 
 import logging
-import time
 
 import jax
 from etils import epath
 
-from ddae_jax import config_lib, metrics, runtime, sharding, train
+from ddae_jax import config_lib, metrics, runtime, sharding
 from ddae_jax.data import pipeline, sources
-from ddae_jax.evaluation import common, input_pipeline
 from ddae_jax.evaluation import config as eval_config
+from ddae_jax.evaluation import input_pipeline, scoring
 from ddae_jax.weights import checkpoints
 
 
@@ -36,18 +35,18 @@ def setup(config, devices=None):
 
 def run(config, workdir, build, view) -> dict:
   """A protocol end to end: its train source, `build(config, num_train_images=n)`
-  (-> state, shardings, step, eval_step, batch_sharding), training views from
+  (-> runtime.Built with state, shardings, step, eval_step, batch_sharding), training views from
   `view(config)`, then `fit`."""
   local_batch = config.batch_size // jax.process_count()
   source = sources.make_source(config.data, config.model.image_size, config.seed, local_batch,
                                jax.process_index(), jax.process_count(),
                                split=config.data.train_split)
   built = build(config, num_train_images=source.num_examples)
-  batch_spec = built["batch_sharding"]
+  batch_spec = built.batch_sharding
 
   def evaluate(state):
     _, batches = input_pipeline.eval_loader(config, config.data.eval_split, batch_spec)
-    return common.accumulate(lambda b: built["eval_step"](state, b), batches)
+    return scoring.accumulate(lambda b: built.eval_step(state, b), batches)
 
   def make_loader(position):
     return pipeline.TrainLoader(
@@ -56,7 +55,7 @@ def run(config, workdir, build, view) -> dict:
         max_failures=config.data.max_consecutive_failures, view=view(config),
         labels=True)
 
-  return fit(config, workdir, built["state"], built["shardings"], built["step"], evaluate,
+  return fit(config, workdir, built.state, built.shardings, built.step, evaluate,
              make_loader, num_images=source.num_examples)
 
 
@@ -87,51 +86,36 @@ def fit(config, workdir, state, state_shardings, step_fn, evaluate_fn, make_load
   if ckpt.latest_step() is not None:
     logging.info("Resuming from %s, step %d", ckpt.directory, ckpt.latest_step())
     state, position = ckpt.restore(ckpt.latest_step(),
-                                   checkpoints.abstract_like(state, state_shardings))
+                                   runtime.with_shardings(state, state_shardings))
   step = int(state["step"])
   loader = make_loader(step * local_batch if position is None else position)
   writer = metrics.create_writer(str(workdir))
   if step == 0:
     writer.write_hparams(config.to_dict())
-  progress = runtime.progress_action(total_steps, writer)
-  preemption = runtime.Preemption()
-  in_flight = runtime.StepsInFlight(config.steps_in_flight, step)
   results = {}
   logging.info("%s: steps %d..%d, %d images per step", config.protocol, step, total_steps,
                config.batch_size)
-  tick, tick_step = time.perf_counter(), step
+
+  def evaluate(state, step, done):
+    if step % eval_every == 0 or done:
+      results.clear()
+      results.update(evaluate_fn(state))
+      scoring.log_eval(writer, step, results)
+
   try:
-    while step < total_steps:
-      state, step_metrics = step_fn(state, next(loader))
-      step += 1
-      if in_flight.push(step, step_metrics) and progress is not None:
-        progress(in_flight.completed)  # steps the devices finished, not dispatched ones
-      stop = preemption.requested or ckpt.preempted(step)
-      done = step == total_steps
-      if step % config.log_every_steps == 0 or done or stop:
-        values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-        train._check_finite(values, step, ckpt)
-        now = time.perf_counter()
-        values.update(images_per_second=(step - tick_step) * config.batch_size / (now - tick),
-                      epoch=step * config.batch_size / num_images)
-        writer.write_scalars(step, {f"train/{k}": v for k, v in values.items()})
-        writer.flush()
-        tick, tick_step = now, step
-      if step % eval_every == 0 or done:
-        results = evaluate_fn(state)
-        common.log_eval(writer, step, results)
-      if stop or done or step % config.checkpoint_every_steps == 0:
-        ckpt.save(step, state, loader.position, force=True)
-      if stop:
-        logging.warning("Stopped at step %d for preemption; rerun the same command to resume.",
-                        step)
-        return results
+    end = runtime.train_loop(
+        state, step_fn, loader, ckpt, writer, start_step=step, total_steps=total_steps,
+        batch_size=config.batch_size, num_images=num_images,
+        log_every=config.log_every_steps, steps_in_flight=config.steps_in_flight,
+        prefix="train/", after_step=evaluate, save_every=config.checkpoint_every_steps)
+    if end.preempted:
+      return dict(results)
     if not results:  # resumed at the end: report the finished model again
-      results = evaluate_fn(state)
-      common.log_eval(writer, step, results)
+      results.update(evaluate_fn(end.state))
+      scoring.log_eval(writer, end.step, results)
   finally:
     loader.close()
     ckpt.close()
     writer.close()
-  common.write_results(workdir, dict(results, step=step))
-  return results
+  scoring.write_results(workdir, dict(results, step=end.step))
+  return dict(results)

@@ -17,12 +17,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-
-def smooth_one_hot(labels: jax.Array, num_classes: int, smoothing: float) -> jax.Array:
-  """int[B] -> float32[B, C]: 1 - s + s / C on the label, s / C elsewhere."""
-  off = smoothing / num_classes
-  return jax.nn.one_hot(labels, num_classes) * (1.0 - smoothing) + off
+import optax
 
 
 def _box_mask(rng, lam, height: int, width: int):
@@ -71,13 +66,19 @@ def mix_batch(rng: jax.Array, images: jax.Array, labels: jax.Array, num_classes:
   mixed_images = images * lam + flipped * (1.0 - lam)
   out = jnp.where(apply & use_cutmix, cut_images,
                   jnp.where(apply, mixed_images.astype(images.dtype), images))
-  y = smooth_one_hot(labels, num_classes, smoothing)
+  # timm's one-hot: 1 - s + s / C on the label, s / C elsewhere.
+  y = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), smoothing)
   return out, lam * y + (1.0 - lam) * y[::-1], lam
 
 
 # ------------------------------------------------------------------ random erasing
+# timm RandomErasing's defaults: 2%..1/3 of the image, aspect ratio 0.3..1/0.3 (log-uniform).
+ERASE_AREA = (0.02, 1 / 3)
+ERASE_LOG_ASPECT = (math.log(0.3), math.log(1 / 0.3))
+
+
 def erase_box(rng: np.random.Generator, height: int, width: int, prob: float,
-              area=(0.02, 1 / 3), log_aspect=(math.log(0.3), math.log(1 / 0.3))) -> np.ndarray:
+              area=ERASE_AREA, log_aspect=ERASE_LOG_ASPECT) -> np.ndarray:
   """timm RandomErasing's box, drawn on the host: int32[4] (top, left, h, w); h = 0: none."""
   if rng.random() >= prob:
     return np.zeros(4, np.int32)

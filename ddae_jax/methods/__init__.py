@@ -1,1 +1,10 @@
-"""Pretraining methods: DDAE (and the MAE rows) and BEiT-v2, behind one interface."""
+"""Pretraining methods: DDAE (and the MAE rows) and BEiT-v2, behind one interface (base.Method)."""
+
+from ddae_jax.methods.base import Method, make_encoder  # noqa: F401 (the interface)
+from ddae_jax.methods.beitv2 import BEiTv2
+from ddae_jax.methods.ddae import DDAE
+
+
+def make(config, num_images: int | None = None) -> Method:
+  """The method of config.method; schedules count epochs of `num_images` (None: the config's)."""
+  return BEiTv2(config) if config.method == "beitv2" else DDAE(config, num_images)

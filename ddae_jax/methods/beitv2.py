@@ -18,38 +18,33 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from ddae_jax import config_lib
-from ddae_jax.methods.ddae import make_encoder
+from ddae_jax.methods.base import make_encoder
 from ddae_jax.models.tokenizer import VQKDTokenizer, tokenizer_input
 from ddae_jax.models.vit import VIT_SIZES, Block, layer_norm
 from ddae_jax.objectives import beitv2 as objective
 from ddae_jax.objectives import ddae as ddae_objective
 from ddae_jax.objectives.dynamic_weights import loss_weights, weight_l2_norm
-from ddae_jax.objectives.masking import num_masked
-from ddae_jax.weights import vqkd
+from ddae_jax.weights import state_dict, vqkd
 
 
 class BEiTv2:
   """Builds the modules of a `method = "beitv2"` config and computes its loss."""
 
-  def __init__(self, config):
+  def __init__(self, config, num_images: int | None = None):
+    del num_images  # no schedule of BEiT-v2's counts epochs
     self.config = config
+    d = self.derived = config_lib.resolve(config)
     dtype = jnp.dtype(config.model.dtype)
-    self.grid = config_lib.grid_size(config)
-    self.num_patches = self.grid[0] * self.grid[1]
-    self.num_masked = num_masked(config.masking.ratio, self.grid)
-    self.blocks = config_lib.supervised_blocks(config)
-    self.block_weights = config_lib.block_weights(config)
-    self.beta_branches = config_lib.beta_branches(config)
+    self.grid, self.num_patches, self.num_masked = d.grid, d.num_patches, d.num_masked
+    self.blocks, self.block_weights, self.beta_branches = d.blocks, d.block_weights, d.beta_branches
     self.early_block = config.cls_pt.early_block
-    _, depth, heads = config_lib.encoder_dims(config)
-    self.encoder = make_encoder(config).clone(
-        extra_hidden_blocks=(self.early_block, depth) if self.early_block else ())
+    self.encoder = make_encoder(config, d).clone(
+        extra_hidden_blocks=(self.early_block, d.depth) if self.early_block else ())
     self.cls_pt_head = ClsPretrainHead(
-        num_heads=heads, depth=config.cls_pt.head_depth, layer_scale=config.model.layer_scale,
-        dtype=dtype, attention_impl=config_lib.attention_impl(config.model)) if self.early_block else None
+        num_heads=d.heads, depth=config.cls_pt.head_depth, layer_scale=config.model.layer_scale,
+        dtype=dtype, attention_impl=d.attention_impl) if self.early_block else None
     t = config.tokenizer
     self.lm_head = nn.Dense(t.vocab_size, dtype=dtype,
                             kernel_init=nn.initializers.truncated_normal(0.02))
@@ -66,7 +61,7 @@ class BEiTv2:
     images = self._dummy()
     mask = jnp.zeros((1, self.num_patches), bool)
     params = {"encoder": self.encoder.init(k_enc, images, mask=mask)["params"]}
-    width = config_lib.encoder_dims(self.config)[0]
+    width = self.derived.width
     if self.cls_pt_head is not None:
       out = jax.eval_shape(self.encode, params["encoder"], images, mask)
       tokens = jnp.zeros(out["final"].shape, jnp.float32)
@@ -75,12 +70,36 @@ class BEiTv2:
           k_cls, tokens, None if bias is None else jnp.zeros(bias.shape, bias.dtype))["params"]
     params["lm_head"] = self.lm_head.init(k_head, jnp.zeros((1, width)))["params"]
     if self.beta_branches:
-      params["beta"] = {"shared": jnp.asarray(config_lib.beta_init(self.config))}
+      params["beta"] = {"shared": jnp.asarray(self.derived.beta_init, jnp.float32)}
     return params
 
   def init_tokenizer(self, rng: jax.Array) -> dict:
     """Random tokenizer parameters (tests); `load_tokenizer` reads the real ones."""
     return self.tokenizer.init(rng, self._dummy())["params"]
+
+  def init_state(self, params: dict, rng: jax.Array) -> dict:
+    """{"tokenizer": ...}: random here; `load_state` reads the checkpoint's weights."""
+    del params
+    return {"tokenizer": self.init_tokenizer(jax.random.fold_in(rng, 1))}
+
+  def load_state(self) -> dict:
+    """{"tokenizer": the configured checkpoint's weights, checked against the model's tree}.
+
+    {} with tokenizer.random_weights (tests, compile checks). Read before any compute.
+    """
+    if self.config.tokenizer.random_weights:
+      return {}
+    loaded = self.load_tokenizer()
+    host_tokenizer_matches(loaded, jax.eval_shape(self.init_tokenizer, jax.random.key(0)))
+    return {"tokenizer": loaded}
+
+  def targets(self, state: dict, batch: dict) -> dict:
+    """The frozen tokenizer's codes of the un-normalised crop."""
+    return {"targets": self.tokenize(state["tokenizer"], batch["image"])}
+
+  def after_update(self, state: dict, params: dict) -> tuple[dict, dict]:
+    del state, params
+    return {}, {}
 
   def load_tokenizer(self) -> dict:
     """The configured checkpoint's tokenizer parameters (host NumPy). Raises TokenizerMismatch."""
@@ -90,7 +109,7 @@ class BEiTv2:
       return vqkd.load_tokenizer_params(
           t.checkpoint, width=tw, depth=td, patch_size=t.patch_size,
           num_patches=self.num_patches, code_dim=t.code_dim, vocab_size=t.vocab_size)
-    except (OSError, vqkd.TokenizerMismatch) as err:
+    except (OSError, state_dict.ConvertError, vqkd.TokenizerMismatch) as err:
       raise config_lib.ConfigError(
           f"config.tokenizer.checkpoint = {t.checkpoint!r} is unusable: {err}\n"
           "Download BEiT-v2's vqkd_encoder_base_decoder_3x768x12_clip-d93179da.pth "
@@ -193,11 +212,4 @@ class ClsPretrainHead(nn.Module):
 
 def host_tokenizer_matches(loaded: dict, abstract: dict) -> None:
   """Raises TokenizerMismatch when converted parameters differ from the model's tree."""
-  flat = lambda t: {jax.tree_util.keystr(p): tuple(np.shape(v))
-                    for p, v in jax.tree_util.tree_leaves_with_path(t)}
-  a, b = flat(loaded), flat(abstract)
-  if a != b:
-    diff = sorted(set(a.items()) ^ set(b.items()))
-    raise vqkd.TokenizerMismatch(
-        "converted tokenizer parameters differ from the model's: " + ", ".join(
-            f"{k} {v}" for k, v in diff[:20]))
+  vqkd.check_params(loaded, abstract)

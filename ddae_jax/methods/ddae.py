@@ -11,68 +11,43 @@ state and only ever changed by eq. 4.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
-from ddae_jax import config_lib
+from ddae_jax import config_lib, optim
+from ddae_jax.methods.base import make_encoder
 from ddae_jax.models.decoder import Decoder, decode_per_block
-from ddae_jax.models.vit import ViTEncoder
 from ddae_jax.objectives import ddae as objective
 from ddae_jax.objectives.dynamic_weights import loss_weights, weight_l2_norm
-from ddae_jax.objectives.masking import num_masked, visible_and_masked_ids
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def normalize_images(images: jax.Array) -> jax.Array:
-  """uint8 [B, H, W, 3] in 0..255 (or float in [0, 1]) -> ImageNet-standardised float32."""
-  x = images.astype(jnp.float32)
-  if images.dtype == jnp.uint8:
-    x = x / 255.0
-  return (x - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
-
-
-def make_encoder(config, pos_embed: str | None = None) -> ViTEncoder:
-  """The config's ViT, reporting its supervised blocks g_i (pos_embed: default the config's)."""
-  width, depth, heads = config_lib.encoder_dims(config)
-  return ViTEncoder(
-      patch_size=config.model.patch_size, width=width, depth=depth, num_heads=heads,
-      feature_blocks=config_lib.supervised_blocks(config),
-      feature_norm=config.model.feature_norm, dtype=jnp.dtype(config.model.dtype),
-      attention_impl=config_lib.attention_impl(config.model), remat=config.model.remat,
-      pos_embed=pos_embed or config.model.get("pos_embed", "sincos"),
-      # .get: configs saved before these fields existed are plain ViTs.
-      rel_pos_bias=config.model.get("rel_pos_bias", False),
-      layer_scale=config.model.get("layer_scale", 0.0))
+from ddae_jax.objectives.masking import visible_and_masked_ids
 
 
 class DDAE:
-  """Builds the modules of a config and computes the pretraining loss."""
+  """DDAE's modules, state and loss (a methods.base.Method); MAE when distillation is off."""
 
-  def __init__(self, config):
+  def __init__(self, config, num_images: int | None = None):
+    """num_images: the train set's size, which the epoch schedules count (None: the config's)."""
     self.config = config
-    width, _, heads = config_lib.encoder_dims(config)
+    self.num_images = num_images
+    d = self.derived = config_lib.resolve(config)
     dtype = jnp.dtype(config.model.dtype)
-    attn = config_lib.attention_impl(config.model)
-    self.grid = config_lib.grid_size(config)
-    self.num_patches = self.grid[0] * self.grid[1]
-    self.blocks = config_lib.supervised_blocks(config)
-    self.block_weights = config_lib.block_weights(config)
-    self.beta_branches = config_lib.beta_branches(config)
-    self.encoder = make_encoder(config)
+    self.grid, self.num_patches, self.blocks = d.grid, d.num_patches, d.blocks
+    self.block_weights, self.beta_branches = d.block_weights, d.beta_branches
+    self.encoder = make_encoder(config, d)
     p = config.pixel
     self.pixel_decoder = Decoder(
         width=p.decoder_width, depth=p.decoder_depth, num_heads=p.decoder_heads,
-        out_dim=config.model.patch_size ** 2 * 3, dtype=dtype, attention_impl=attn,
+        out_dim=config.model.patch_size ** 2 * 3, dtype=dtype, attention_impl=d.attention_impl,
         remat=config.model.remat) if p.enabled else None
     self.distill_decoder = Decoder(
-        width=width, depth=config.distill.decoder_depth, num_heads=heads, out_dim=width,
-        dtype=dtype, attention_impl=attn,
+        width=d.width, depth=config.distill.decoder_depth, num_heads=d.heads, out_dim=d.width,
+        dtype=dtype, attention_impl=d.attention_impl,
         remat=config.model.remat) if config.distill.enabled else None
 
   def num_visible(self) -> int:
-    return self.num_patches - num_masked(self.config.masking.ratio, self.grid)
+    return self.num_patches - self.derived.num_masked
 
   def init(self, rng: jax.Array) -> dict:
     """Fresh parameters (float32)."""
@@ -89,9 +64,39 @@ class DDAE:
       params["distill_decoder"] = self.distill_decoder.init(
           k_dis, out["final"], ids_restore, self.grid)["params"]
     if self.beta_branches:
-      init = jnp.asarray(config_lib.beta_init(self.config))
+      init = jnp.asarray(self.derived.beta_init, jnp.float32)
       params["beta"] = {b: init for b in self.beta_branches}
     return params
+
+  def init_state(self, params: dict, rng: jax.Array) -> dict:
+    """{"ema_params": theta' = a copy of theta} when distillation is on, else {}."""
+    del rng
+    if self.distill_decoder is None:
+      return {}
+    return {"ema_params": jax.tree.map(jnp.copy, params["encoder"])}
+
+  def load_state(self) -> dict:
+    return {}
+
+  def targets(self, state: dict, batch: dict) -> dict:
+    """The momentum encoder's outputs on every patch, and w_d at this step (distillation)."""
+    if self.distill_decoder is None:
+      return {}
+    # The momentum encoder sees every patch; no gradient reaches it.
+    ema_out = jax.lax.stop_gradient(self.encode(state["ema_params"], batch["input"]))
+    return {"targets": ema_out, "distill_weight": self._distill_weight(state["step"])}
+
+  def _distill_weight(self, step):
+    return optim.distill_weight(self.config, step, self.num_images)
+
+  def after_update(self, state: dict, params: dict) -> tuple[dict, dict]:
+    """Eq. 4: the momentum encoder follows the updated online encoder."""
+    if self.distill_decoder is None:
+      return {}, {}
+    momentum = optim.ema_momentum(self.config, state["step"], self.num_images)
+    ema = optim.ema_update(state["ema_params"], params["encoder"], momentum)  # eq. 4
+    return {"ema_params": ema}, {"ema_momentum": jnp.asarray(momentum, jnp.float32),
+                                 "distill_weight": self._distill_weight(state["step"])}
 
   def encode(self, encoder_params, images, ids_keep=None) -> dict:
     """The encoder on visible patches (ids_keep) or all of them (None)."""
@@ -102,7 +107,7 @@ class DDAE:
 
     K' = K, or 1 (the last supervised block) when the branch's DDS is off (Table 4).
     """
-    blocks, lambdas, dynamic = config_lib.branch_supervision(self.config, branch)
+    blocks, lambdas, dynamic = dataclasses.astuple(self.derived.branches[branch])
     if len(blocks) < len(self.blocks):
       features = features[:, -1:]
     if not dynamic:
@@ -111,7 +116,7 @@ class DDAE:
     beta = params["beta"][branch if branch in params["beta"] else "shared"]
     return features, loss_weights(distance, mask, beta), lambdas, blocks
 
-  def loss(self, params, images, mask, distance, ema_out=None, distill_weight=1.0):
+  def loss(self, params, images, mask, distance, targets=None, distill_weight=1.0):
     """Eq. 6 for one batch.
 
     Args:
@@ -119,7 +124,7 @@ class DDAE:
       images: float32[B, H, W, 3], normalised.
       mask: bool[B, N], True = masked, the same count in every row.
       distance: float32[B, N], the distance map of `mask`.
-      ema_out: the momentum encoder's output on all patches (needed for distillation).
+      targets: the momentum encoder's outputs on all patches (`encode`; distillation).
       distill_weight: w_d of L_distill in eq. 6 (BootMAE's ramp, `optim.distill_weight`).
 
     Returns:
@@ -147,7 +152,7 @@ class DDAE:
       feats, weights, lambdas, blocks = self._branch(params, "distill", features, distance, mask)
       pred = decode_per_block(self.distill_decoder, {"params": params["distill_decoder"]},
                               feats, ids_restore, self.grid)
-      target = objective.feature_targets(ema_out, c.distill.target_norm)[:, -len(blocks):]
+      target = objective.feature_targets(targets, c.distill.target_norm)[:, -len(blocks):]
       if c.distill.get("pred_norm", False):
         pred = objective.layer_norm(pred)  # BootMAE: LN(prediction) vs LN(target)
       per_block = objective.weighted_block_losses(

@@ -6,7 +6,7 @@ image with a ViT-B/16, projects every patch token to a 32-d code
 nearest entry of an 8192 x 32 codebook (norm_ema_quantizer.py). The indices
 are BEiT-v2's targets. The tokenizer's decoder and its CLIP teacher only serve
 to train the tokenizer, so they are not built here; the converter
-(`ddae_jax/vqkd.py`) skips their weights.
+(`ddae_jax/weights/vqkd.py`) skips their weights.
 
 The encoder is our `ViTEncoder` with learned absolute positions: the
 checkpoint's separate `q_bias`/`v_bias` become the fused qkv bias with a zero

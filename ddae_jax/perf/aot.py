@@ -1,27 +1,6 @@
 """Compiles the real train step for a TPU slice on any machine; one JSON line per compile.
 
-libtpu's compile-only devices stand in for the slice (jax.experimental.
-topologies), so `jax.jit(step).lower(abstract state, abstract batch).compile()`
-runs the TPU compiler ahead of time with the run's own mesh, sharding rules
-and batch, as MaxText's train_compile.py checks a model against a pod before
-renting it. Nothing is allocated: the state is ShapeDtypeStructs.
-
-The line reports, per chip: the compiled step's arguments, outputs and
-temporaries against the chip's HBM and whether they fit with --margin to
-spare; the compiler's FLOPs and bytes accessed per image (its cost model, not
-a measurement) against flops.py's analytic count; FLOP/byte against the chip's
-ridge point (peak FLOP/s / HBM bandwidth); the roofline lower bound on the
-step time, max(FLOPs / peak, bytes / bandwidth), and the upper bound on
-images/s/chip it implies; the collectives in the optimised HLO; the fusion
-floor (flops.floor_bytes_per_image) that no step of unfused products moves
-less than. `--sweep` doubles the per-chip batch until the step no longer fits;
-`--block=pixel_decoder` (encoder, momentum_encoder, distill_decoder) compiles
-one block of that part on one chip instead, in seconds rather than minutes,
-to try a change to the block before compiling the step.
-
---topology takes gcloud accelerator names (v4-8 ... v4-4096 count cores, two
-per chip; v5litepod-N alias v5e-N, v5p-N (cores), v6e-N count chips) or a
-libtpu topology name such as v5e:2x2 or v4:2x2x1.
+The library of `python -m ddae_jax.aot`; its usage and options: ddae_jax/aot.py.
 """
 
 from __future__ import annotations
@@ -46,11 +25,10 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from ddae_jax import config_lib, sharding
+from ddae_jax import config_lib, runtime, sharding
 from ddae_jax import train_step as ts
 from ddae_jax.evaluation import finetune, loop
 from ddae_jax.models.vit import VIT_SIZES, Block
-from ddae_jax.objectives.masking import num_masked
 from ddae_jax.perf import flops
 
 FLAGS = flags.FLAGS
@@ -156,11 +134,6 @@ def slice_devices(s: Slice) -> list:
   return list(topo.devices)
 
 
-def _abstract(tree, shardings):
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      tree, shardings)
-
-
 def lower_step(config, binary: str, devices):
   """(The run's jitted step lowered for `devices` with abstract state and batch, the mesh).
 
@@ -176,7 +149,7 @@ def lower_step(config, binary: str, devices):
       config.random_init = True  # no checkpoint is read; the step is the same
     mesh, batch_spec = loop.setup(config, devices)
     parts = finetune.make_step(config, mesh, batch_spec)
-    abstract, shardings, step = parts["abstract"], parts["shardings"], parts["step"]
+    abstract, shardings, step = parts.abstract, parts.shardings, parts.step
     spec = {"image": ((batch, size, size, 3), jnp.uint8), "label": ((batch,), jnp.int32),
             "erase": ((batch, 4), jnp.int32)}
   else:
@@ -187,7 +160,7 @@ def lower_step(config, binary: str, devices):
     spec = {"image": ((batch, size, size, 3), jnp.uint8)}
   batch_arg = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_spec)
                for k, (shape, dtype) in spec.items()}
-  return step.lower(_abstract(abstract, shardings), batch_arg), mesh
+  return step.lower(runtime.with_shardings(abstract, shardings), batch_arg), mesh
 
 
 # An HLO instruction "%name = <shape> opcode(...": the shape is a tensor such as
@@ -219,7 +192,7 @@ def collectives(hlo_text: str) -> dict:
   for shape, op, start in _INSTRUCTION.findall(hlo_text):
     sizes = _tensor_bytes(shape)
     if start and op in ("all-gather", "collective-permute"):
-      arrays = [b for b, (_, dims) in zip(sizes, _TENSOR.findall(shape)) if dims]
+      arrays = [b for b, (_, dims) in zip(sizes, _TENSOR.findall(shape), strict=True) if dims]
       sizes = arrays[len(arrays) // 2:]
     out[op]["count"] += 1
     out[op]["bytes"] += sum(sizes)
@@ -365,25 +338,22 @@ def report(config, binary: str, s: Slice, devices, margin: float,
 def block_report(config, part: str, s: Slice, device) -> dict:
   """The compiler's count for one transformer block of `part` on one chip: the quick way to
   try a change to the block (attention_impl, dtype) before compiling the whole step."""
-  width, _, heads = config_lib.encoder_dims(config)
-  grid = config_lib.grid_size(config)
-  n = grid[0] * grid[1]
+  d = config_lib.resolve(config, device.platform)
+  width, heads, n, k = d.width, d.heads, d.num_patches, len(d.blocks)
   per_chip = config.batch_size // s.chips
-  k = len(config_lib.supervised_blocks(config))
   tokens, batch, train = {
-      "encoder": (n - num_masked(config.masking.ratio, grid) + 1, per_chip, True),
+      "encoder": (n - d.num_masked + 1, per_chip, True),
       "momentum_encoder": (n + 1, per_chip, False),
       "pixel_decoder": (n + 1, per_chip * k, True),
       "distill_decoder": (n + 1, per_chip * k, True)}[part]
   if part == "pixel_decoder":
     width, heads = config.pixel.decoder_width, config.pixel.decoder_heads
   dtype = jnp.dtype(config.model.dtype)
-  impl = config_lib.attention_impl(config.model, device.platform)
-  block = Block(heads, dtype=dtype, attention_impl=impl)
+  block = Block(heads, dtype=dtype, attention_impl=d.attention_impl)
   on_chip = jax.sharding.SingleDeviceSharding(device)
   params = jax.eval_shape(lambda: block.init(jax.random.key(0),
                                              jnp.zeros((1, tokens, width), dtype)))
-  params = _abstract(params, jax.tree.map(lambda _: on_chip, params))
+  params = runtime.with_shardings(params, jax.tree.map(lambda _: on_chip, params))
   x = jax.ShapeDtypeStruct((batch, tokens, width), dtype, sharding=on_chip)
 
   def loss(params, x):
@@ -392,7 +362,7 @@ def block_report(config, part: str, s: Slice, device) -> dict:
   fn = jax.grad(loss, argnums=(0, 1)) if train else loss
   cost = _cost(jax.jit(fn).lower(params, x).compile())
   return {"block": part, "tokens": tokens, "width": width, "heads": heads, "batch": batch,
-          "train": train, "attention_impl": impl, "dtype": config.model.dtype,
+          "train": train, "attention_impl": d.attention_impl, "dtype": config.model.dtype,
           "gflop": round(cost.get("flops", 0.0) / 1e9, 2),
           "gb_accessed": round(cost.get("bytes accessed", 0.0) / 1e9, 4),
           "flop_per_byte": round(cost["flops"] / cost["bytes accessed"], 1),

@@ -1,11 +1,6 @@
 """Times the jitted train step on synthetic on-device data; one JSON line per run.
 
-Each run compiles the step, runs `--warmup` steps, then times `--steps` steps
-two ways: one by one with the device synchronised after each (median and
-spread of the step time), and back to back with one synchronisation at the end
-(the throughput a training loop sees, reported as images/s). FLOPs are the
-analytic model FLOPs of ddae_jax/flops.py; MFU divides by the chip's dense bf16
-peak. Imports no tensorflow.
+The library of `python -m ddae_jax.bench`; its usage and options: ddae_jax/bench.py.
 """
 
 from __future__ import annotations
@@ -47,8 +42,8 @@ def peak_memory_bytes() -> int | None:
 
 def run_once(config, steps: int, warmup: int) -> dict:
   built = ts.build(config)
-  state, step = built["state"], built["step"]
-  batch = synthetic_batch(config, built["mesh"])
+  state, step = built.state, built.step
+  batch = synthetic_batch(config, built.mesh)
   t0 = time.perf_counter()
   state, metrics = step(state, batch)
   jax.block_until_ready(metrics)

@@ -15,7 +15,6 @@ import jax
 
 from ddae_jax import config_lib
 from ddae_jax.models.vit import VIT_SIZES
-from ddae_jax.objectives.masking import num_masked
 
 # Dense bf16 peak TFLOP/s per chip, from the vendors' data sheets.
 PEAK_TFLOPS = {
@@ -50,14 +49,12 @@ def decoder_forward_flops(in_tokens: int, num_patches: int, in_width: int, width
 def beitv2_forward_flops_per_image(config) -> dict:
   """BEiT-v2: the encoder on all patches, the head on the masked ones of K blocks, the
   class-token head's blocks on all tokens and its LM head on the masked ones, the tokenizer."""
-  width, _, _ = config_lib.encoder_dims(config)
-  grid = config_lib.grid_size(config)
-  n = grid[0] * grid[1]
+  d = config_lib.resolve(config)
+  width, n, blocks = d.width, d.num_patches, d.blocks
   patch_dim = config.model.patch_size ** 2 * 3
-  blocks = config_lib.supervised_blocks(config)
   t = config.tokenizer
   t_width, t_depth, _ = VIT_SIZES[t.size]
-  lm_head = 2 * num_masked(config.masking.ratio, grid) * width * t.vocab_size
+  lm_head = 2 * d.num_masked * width * t.vocab_size
   parts = {
       "encoder": encoder_forward_flops(n + 1, width, max(blocks), patch_dim),
       "lm_head": len(blocks) * lm_head,
@@ -75,16 +72,14 @@ def forward_flops_per_image(config) -> dict:
   """Forward FLOPs per image of each part of the step (decoders: all their block passes)."""
   if config.get("method", "ddae") == "beitv2":
     return beitv2_forward_flops_per_image(config)
-  width, _, _ = config_lib.encoder_dims(config)
-  grid = config_lib.grid_size(config)
-  n = grid[0] * grid[1]
-  visible = n - num_masked(config.masking.ratio, grid)
+  d = config_lib.resolve(config)
+  width, n = d.width, d.num_patches
+  visible = n - d.num_masked
   patch_dim = config.model.patch_size ** 2 * 3
-  blocks = config_lib.supervised_blocks(config)
-  used_depth = max(blocks)  # blocks after the last supervised one never run
+  used_depth = max(d.blocks)  # blocks after the last supervised one never run
   parts = {"encoder": encoder_forward_flops(visible + 1, width, used_depth, patch_dim)}
   # A branch without DDS (Table 4) decodes the last block only.
-  branch_k = lambda b: len(config_lib.branch_supervision(config, b)[0])
+  branch_k = lambda b: len(d.branches[b].blocks)
   if config.pixel.enabled:
     p = config.pixel
     parts["pixel_decoder"] = branch_k("pixel") * decoder_forward_flops(
@@ -158,13 +153,12 @@ def floor_bytes_per_image(config, per_chip_batch: float) -> dict | None:
   """
   if config.get("method", "ddae") == "beitv2":
     return None
-  width, _, heads = config_lib.encoder_dims(config)
-  grid = config_lib.grid_size(config)
-  n = grid[0] * grid[1]
-  visible = n - num_masked(config.masking.ratio, grid)
+  d = config_lib.resolve(config)
+  width, heads, n = d.width, d.heads, d.num_patches
+  visible = n - d.num_masked
   patch_dim = config.model.patch_size ** 2 * 3
-  depth = max(config_lib.supervised_blocks(config))
-  branch_k = lambda b: len(config_lib.branch_supervision(config, b)[0])
+  depth = max(d.blocks)
+  branch_k = lambda b: len(d.branches[b].blocks)
   share = float(per_chip_batch)
 
   def encoder(tokens):

@@ -1,9 +1,6 @@
 """Host input throughput: ImageNet-style JPEG decode + random-resized crop + flip.
 
-Makes JPEGs of ImageNet's typical size (500 x 375, quality 90, natural-image-like
-smooth content plus noise) in memory, then times `augment.pretrain_view` on
-them with 1..N threads. Prints one JSON line per thread count and the host
-cores one accelerator needs to keep up with `--step_images_per_s`.
+The library of `python -m ddae_jax.bench_input`; its usage and options: ddae_jax/bench_input.py.
 """
 
 from __future__ import annotations

@@ -17,7 +17,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from ddae_jax.sharding import path_str
+from ddae_jax.weights.shapes import shapes_of
+
+# The items of every checkpoint written or read here: the train state's arrays
+# and the JSON input positions. Pretraining, `convert import` and every
+# restore (ddae_jax/weights/pretrained.py) open directories through
+# `open_manager`, so the layout is spelled once.
+STATE, DATA = "state", "data"
 
 
 class CheckpointMissing(FileNotFoundError):
@@ -32,17 +38,51 @@ class StateMismatch(ValueError):
   """A checkpoint's state tree differs from the one the config builds."""
 
 
+def open_manager(directory, read_only: bool = False, **options) -> ocp.CheckpointManager:
+  """A CheckpointManager over `directory` with the (STATE, DATA) items.
+
+  Args:
+    read_only: only read an existing directory (steps, metadata, restores);
+      nothing is created or written.
+    **options: more ocp.CheckpointManagerOptions (max_to_keep, save interval,
+      async saves, create).
+  """
+  if read_only:
+    options.update(create=False, read_only=True)
+  return ocp.CheckpointManager(
+      directory, options=ocp.CheckpointManagerOptions(**options),
+      item_handlers={STATE: ocp.StandardCheckpointHandler(), DATA: ocp.JsonCheckpointHandler()})
+
+
+def save_args(state, positions: list[int]) -> ocp.args.Composite:
+  """What `manager.save` writes: the state's arrays and each process's input position."""
+  data = {"positions": [int(p) for p in positions], "process_count": len(positions)}
+  return ocp.args.Composite(**{STATE: ocp.args.StandardSave(state),
+                               DATA: ocp.args.JsonSave(data)})
+
+
+def restore_args(abstract_state, data: bool = True) -> ocp.args.Composite:
+  """What `manager.restore` reads: the state into `abstract_state`'s layout (and the positions).
+
+  Args:
+    abstract_state: jax.ShapeDtypeStruct tree with shardings: where each
+      restored array goes.
+    data: also read the input positions (a resuming run); False = the state only.
+  """
+  items = {STATE: ocp.args.StandardRestore(abstract_state)}
+  if data:
+    items[DATA] = ocp.args.JsonRestore()
+  return ocp.args.Composite(**items)
+
+
 class Checkpointer:
 
   def __init__(self, directory, every_steps: int, keep: int, use_async: bool = True,
                create: bool = True):
     self.directory = directory
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, save_interval_steps=max(1, every_steps), create=create,
-        enable_async_checkpointing=use_async)
-    self._options = options
-    self.manager = ocp.CheckpointManager(directory, options=options,
-                                         item_names=("state", "data"))
+    self._options = dict(max_to_keep=keep, save_interval_steps=max(1, every_steps),
+                         create=create, enable_async_checkpointing=use_async)
+    self.manager = open_manager(directory, **self._options)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -58,10 +98,8 @@ class Checkpointer:
   def save(self, step: int, state, data_position: int, force: bool = False) -> bool:
     """Starts an async save of `state` at `step`; every process must call it."""
     positions = multihost_utils.process_allgather(np.asarray(data_position, np.int64))
-    data = {"positions": [int(p) for p in np.atleast_1d(positions)],
-            "process_count": jax.process_count()}
-    return self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data)), force=force)
+    return self.manager.save(step, args=save_args(state, np.atleast_1d(positions).tolist()),
+                             force=force)
 
   def restore(self, step: int, abstract_state):
     """(state, this process's data position) of checkpoint `step`.
@@ -70,17 +108,16 @@ class Checkpointer:
       abstract_state: jax.ShapeDtypeStruct tree with shardings: where each
         restored array goes.
     """
-    out = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-    data = out["data"]
+    out = self.manager.restore(step, args=restore_args(abstract_state))
+    data = out[DATA]
     if data["process_count"] != jax.process_count():
       # Per-process input streams differ with the process count; the
       # model state is still exact.
       logging.warning("Checkpoint written by %d processes, restoring into %d: the input "
                       "stream restarts from the step's first record.",
                       data["process_count"], jax.process_count())
-      return out["state"], None
-    return out["state"], data["positions"][jax.process_index()]
+      return out[STATE], None
+    return out[STATE], data["positions"][jax.process_index()]
 
   def restore_latest_intact(self, abstract_state, set_aside=None):
     """(state, data position, step) of the newest checkpoint that restores, or None if none exist.
@@ -90,7 +127,7 @@ class Checkpointer:
     tree differs from `abstract_state` is not damage: StateMismatch is raised.
 
     Args:
-      abstract_state: the restore target (`abstract_like`).
+      abstract_state: the restore target (`runtime.with_shardings`).
       set_aside: where the skipped newer steps are moved (kept for inspection,
         and out of the way of the saves that will reach their step numbers);
         None leaves them (another run's directory).
@@ -139,8 +176,7 @@ class Checkpointer:
         (epath.Path(self.directory) / str(step)).rename(dest)
     multihost_utils.sync_global_devices("checkpoints_set_aside")
     self.manager.close()
-    self.manager = ocp.CheckpointManager(self.directory, options=self._options,
-                                         item_names=("state", "data"))
+    self.manager = open_manager(self.directory, **self._options)
 
   def wait(self):
     self.manager.wait_until_finished()
@@ -150,41 +186,25 @@ class Checkpointer:
     self.manager.close()
 
 
-def _leaves(tree) -> dict:
-  is_leaf = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")
-  # Names only ("a/b/0"): the metadata stores optax's named tuples as dicts.
-  return {path_str(p): tuple(x.shape)
-          for p, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]
-          if is_leaf(x)}
-
-
 def check_tree(directory, step: int, abstract_state) -> None:
   """Raises StateMismatch, naming up to 5 paths, if checkpoint `step`'s arrays differ.
 
   Reads only the checkpoint's metadata; an unreadable one raises whatever
   Orbax raises (the step is damaged).
   """
-  manager = ocp.CheckpointManager(
-      directory, options=ocp.CheckpointManagerOptions(create=False, read_only=True),
-      item_handlers={"state": ocp.StandardCheckpointHandler(),
-                     "data": ocp.JsonCheckpointHandler()})
+  manager = open_manager(directory, read_only=True)
   try:
     metadata = manager.item_metadata(step)
-    saved = _leaves(metadata["state"]) if metadata and metadata.get("state") else {}
+    # Names only ("a/b/0"): the metadata stores optax's named tuples as dicts.
+    saved = shapes_of(metadata[STATE]) if metadata and metadata.get(STATE) else {}
   finally:
     manager.close()
   if not saved:  # Orbax returns an empty tree when _METADATA is missing
     raise CheckpointDamaged(f"step {step}: no readable metadata of its state")
-  wanted = _leaves(abstract_state)
+  wanted = shapes_of(abstract_state)
   diffs = [f"{p}: checkpoint {saved.get(p, 'absent')}, requested {wanted.get(p, 'absent')}"
            for p in sorted(set(saved) | set(wanted)) if saved.get(p) != wanted.get(p)]
   if diffs:
     raise StateMismatch(
         f"checkpoint step {step} in {directory} holds another train state than the config "
         f"builds ({len(diffs)} arrays differ), e.g.\n  " + "\n  ".join(diffs[:5]))
-
-
-def abstract_like(state_shapes, shardings):
-  """ShapeDtypeStructs with shardings, the target layout of a restore."""
-  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                      state_shapes, shardings)

@@ -1,129 +1,23 @@
 """Encoders to and from the PyTorch ecosystem: timm and MAE checkpoints.
 
-`export` writes the encoder as a timm `vit_{size}_patch{P}_{S}` state dict
-(`.safetensors`, or `.pth`/`.pt` through torch), or a BEiT-v2 student as timm's
-`beit_{size}_patch{P}_{S}` (`--layout=beit`); `import` writes an Orbax
-checkpoint plus config.json in the pretraining layout, which the fine-tuning,
-linear-probe, k-NN and analysis binaries restore (`pretrained.load_encoder`).
-Key layouts are listed in `ddae_jax/torch_vit.py`. torch is imported only
-to read or write `.pth` files, and loads tensors only (weights_only=True).
+The library of `python -m ddae_jax.convert`; its usage and options: ddae_jax/convert.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import pickle
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from etils import epath
 
 from ddae_jax import config_lib
 from ddae_jax.models.vit import VIT_SIZES
-from ddae_jax.weights import pretrained, torch_vit
+from ddae_jax.weights import pretrained, state_dict, torch_vit
 from ddae_jax.weights.checkpoints import CheckpointMissing
-
-SAFETENSORS = (".safetensors",)
-TORCH = (".pth", ".pt", ".bin")
-
-
-class ConvertError(ValueError):
-  """A setting or file the converter cannot use; the message says why."""
-
-
-# ------------------------------------------------------------------ files
-def _suffix(path) -> str:
-  suffix = epath.Path(path).suffix.lower()
-  if suffix not in SAFETENSORS + TORCH:
-    raise ConvertError(f"{path}: unknown file type {suffix or '(none)'!r}: allowed "
-                       f"{SAFETENSORS + TORCH}")
-  return suffix
-
-
-def _torch():
-  try:
-    import torch  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    raise ConvertError(".pth files need PyTorch (pip install torch); "
-                       "use a .safetensors file instead") from None
-  return torch
-
-
-def _to_numpy(tree):
-  """Tensors and arrays (nested in dicts) to NumPy, floats as float32; other leaves kept."""
-  if isinstance(tree, dict):
-    return {k: _to_numpy(v) for k, v in tree.items()}
-  if hasattr(tree, "detach"):  # a torch tensor
-    t = tree.detach().cpu()
-    return (t.float() if t.is_floating_point() else t).numpy()
-  if isinstance(tree, np.ndarray) and (np.issubdtype(tree.dtype, np.floating)
-                                       or tree.dtype == ml_dtypes.bfloat16):
-    return tree.astype(np.float32, copy=False)
-  return tree
-
-
-def _read_safetensors(path) -> dict:
-  """{name: array} of a safetensors file; bfloat16 through ml_dtypes (NumPy has none)."""
-  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
-  try:
-    return load_file(str(path))
-  except TypeError:  # "data type 'bfloat16' not understood"
-    pass
-  # The format: an 8-byte little-endian header size, a JSON header, the raw bytes.
-  data = epath.Path(path).read_bytes()
-  size = int.from_bytes(data[:8], "little")
-  header = json.loads(data[8:8 + size])
-  dtypes = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32,
-            "F64": np.float64, "I64": np.int64, "I32": np.int32, "U8": np.uint8, "BOOL": bool}
-  body = data[8 + size:]
-  return {name: np.frombuffer(body[slice(*t["data_offsets"])], dtypes[t["dtype"]])
-          .reshape(t["shape"]) for name, t in header.items() if name != "__metadata__"}
-
-
-def read_state_dict(path) -> dict:
-  """{name: array} (possibly nested, e.g. MAE's {"model": ...}) from a weights file.
-
-  Floating-point tensors come back as float32, the dtype of our parameters.
-  """
-  suffix = _suffix(path)
-  if not epath.Path(path).exists():
-    raise ConvertError(f"{path} does not exist")
-  if suffix in SAFETENSORS:
-    return _to_numpy(_read_safetensors(path))
-  torch = _torch()
-  try:
-    raw = torch.load(str(path), map_location="cpu", weights_only=True)
-  except pickle.UnpicklingError as err:
-    # weights_only refuses arbitrary objects (MAE's training checkpoints hold
-    # an argparse.Namespace): never unpickle code from a downloaded file.
-    why = next((line for line in str(err).splitlines() if "Unsupported global" in line),
-               str(err).splitlines()[0])
-    raise ConvertError(
-        f"{path} holds objects other than tensors, which are not loaded (weights_only=True): "
-        f"{why.strip()} If you trust the file, save its state dict alone: "
-        "torch.save(torch.load(PATH, weights_only=False)['model'], 'clean.pth')") from None
-  if not isinstance(raw, dict):
-    raise ConvertError(f"{path} holds a {type(raw).__name__}, not a state dict")
-  return _to_numpy(raw)
-
-
-def write_state_dict(sd: dict, path, nest_under: str | None = None,
-                     metadata: dict | None = None) -> None:
-  """Writes {name: float32 array}; `nest_under="model"` gives MAE's {"model": sd} (.pth)."""
-  suffix = _suffix(path)
-  epath.Path(path).parent.mkdir(parents=True, exist_ok=True)
-  if suffix in SAFETENSORS:
-    if nest_under:
-      raise ConvertError("a safetensors file is one flat dict: write nested layouts to .pth")
-    from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
-    save_file(sd, str(path), metadata={"format": "pt", **(metadata or {})})
-    return
-  torch = _torch()
-  tensors = {k: torch.from_numpy(np.array(v)) for k, v in sd.items()}
-  torch.save({nest_under: tensors} if nest_under else tensors, str(path))
+from ddae_jax.weights.state_dict import ConvertError, read_state_dict, write_state_dict
 
 
 # ----------------------------------------------------------------- export
@@ -149,7 +43,8 @@ def timm_recipe(size: str, patch: int, image_size: int, num_classes: int, layout
   width, depth, heads = VIT_SIZES[size]
   if layout == "beit":
     if size in ("base", "large") and image_size in (224, 384, 512):
-      return f"timm.create_model('beit_{size}_patch{patch}_{image_size}', num_classes={num_classes})"
+      return (f"timm.create_model('beit_{size}_patch{patch}_{image_size}', "
+              f"num_classes={num_classes})")
     return (f"timm.models.beit.Beit(img_size={image_size}, patch_size={patch}, "
             f"embed_dim={width}, depth={depth}, num_heads={heads}, num_classes={num_classes}, "
             "use_abs_pos_emb=False, use_rel_pos_bias=True, init_values=0.1)")
@@ -191,7 +86,7 @@ def export_checkpoint(workdir, out, which: str = "online", layout: str = "timm",
     raise ConvertError(f"--layout={layout!r}: allowed {torch_vit.LAYOUTS}")
   if num_classes < 0:
     raise ConvertError(f"--num_classes={num_classes}: allowed 0 (no head) or more")
-  if layout == "mae_pretrain" and _suffix(out) in SAFETENSORS:
+  if layout == "mae_pretrain" and state_dict.suffix(out) in state_dict.SAFETENSORS:
     raise ConvertError("--layout=mae_pretrain nests the state dict under 'model' and a "
                        "safetensors file is one flat dict: write a .pth file")
   config = pretrained.load_config(workdir)

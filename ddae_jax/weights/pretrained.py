@@ -16,10 +16,11 @@ import json
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from etils import epath
 
+from ddae_jax.weights import checkpoints
 from ddae_jax.weights.checkpoints import CheckpointMissing
+from ddae_jax.weights.shapes import check_shapes, shapes_of
 
 ENCODERS = ("online", "ema")
 
@@ -32,13 +33,6 @@ def checkpoint_dir(workdir) -> epath.Path:
   """`workdir/checkpoints` when present, else `workdir` itself (a bare checkpoint dir)."""
   workdir = epath.Path(workdir)
   return workdir / "checkpoints" if (workdir / "checkpoints").exists() else workdir
-
-
-def _manager(directory) -> ocp.CheckpointManager:
-  return ocp.CheckpointManager(
-      directory, options=ocp.CheckpointManagerOptions(create=False, read_only=True),
-      item_handlers={"state": ocp.StandardCheckpointHandler(),
-                     "data": ocp.JsonCheckpointHandler()})
 
 
 def load_config(workdir) -> ml_collections.ConfigDict | None:
@@ -67,18 +61,18 @@ def restore_state(workdir, step: int | None = None) -> tuple[dict, int]:
   directory = checkpoint_dir(workdir)
   if not directory.exists():
     raise CheckpointMissing(f"no checkpoint directory: {workdir} does not exist")
-  manager = _manager(directory)
+  manager = checkpoints.open_manager(directory, read_only=True)
   step = manager.latest_step() if step is None else step
   if step is None or step not in manager.all_steps():
     raise CheckpointMissing(
         f"no checkpoint {'at step ' + str(step) if step is not None else ''} in {directory}"
         f" (found steps {sorted(manager.all_steps())})")
-  metadata = manager.item_metadata(step)["state"]
+  metadata = manager.item_metadata(step)[checkpoints.STATE]
   cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
   abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=cpu),
                           metadata)
-  state = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract)))["state"]
+  state = manager.restore(step, args=checkpoints.restore_args(abstract, data=False))
+  state = state[checkpoints.STATE]
   manager.close()
   return jax.tree.map(np.asarray, dict(state)), step
 
@@ -105,11 +99,6 @@ def describe(encoder_params: dict) -> dict:
           "num_patches": None if pos is None else np.shape(pos)[1] - 1}
 
 
-def _flat(tree) -> dict:
-  return {"/".join(str(getattr(k, "key", k)) for k in path): np.shape(leaf)
-          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
-
-
 def check_encoder(found: dict, expected: dict, ignore: tuple[str, ...] = (),
                   what: str = "checkpoint") -> None:
   """Raises CheckpointMismatch listing every missing, unexpected or misshapen parameter.
@@ -119,19 +108,15 @@ def check_encoder(found: dict, expected: dict, ignore: tuple[str, ...] = (),
     expected: the parameters the config's model builds (same).
     ignore: top-level names that may differ (e.g. "pos_embed", resized elsewhere).
   """
-  f = {k: v for k, v in _flat(found).items() if k.split("/")[0] not in ignore}
-  e = {k: v for k, v in _flat(expected).items() if k.split("/")[0] not in ignore}
-  lines = [f"  shape mismatch: {k} expected {e[k]}, found {f[k]}"
-           for k in sorted(e.keys() & f.keys()) if tuple(e[k]) != tuple(f[k])]
-  lines += [f"  missing from the {what}: {k} {e[k]}" for k in sorted(e.keys() - f.keys())]
-  lines += [f"  unexpected in the {what}: {k} {f[k]}" for k in sorted(f.keys() - e.keys())]
-  if lines:
-    fd, ed = describe(found), describe(expected)
-    raise CheckpointMismatch(
-        f"the {what} holds a ViT of width {fd['width']}, depth {fd['depth']}, patch "
-        f"{fd['patch_size']}; the config expects width {ed['width']}, depth {ed['depth']}, "
-        f"patch {ed['patch_size']}:\n" + "\n".join(lines[:80])
-        + (f"\n  ... and {len(lines) - 80} more" if len(lines) > 80 else ""))
+  kept = lambda tree: {k: v for k, v in shapes_of(tree).items()
+                       if k.split("/")[0] not in ignore}
+  fd, ed = describe(found), describe(expected)
+  check_shapes(
+      kept(found), kept(expected), CheckpointMismatch,
+      f"the {what} holds a ViT of width {fd['width']}, depth {fd['depth']}, patch "
+      f"{fd['patch_size']}; the config expects width {ed['width']}, depth {ed['depth']}, "
+      f"patch {ed['patch_size']}", missing=f"missing from the {what}",
+      unexpected=f"unexpected in the {what}")
 
 
 def load_encoder(workdir, which: str = "ema", step: int | None = None) -> tuple[dict, int]:
@@ -150,12 +135,8 @@ def save_encoder(workdir, encoder_params: dict, config=None, step: int = 0) -> N
   params = jax.tree.map(np.asarray, encoder_params)
   state = {"step": np.asarray(step, np.int32), "params": {"encoder": params},
            "ema_params": params}
-  manager = ocp.CheckpointManager(
-      workdir / "checkpoints", options=ocp.CheckpointManagerOptions(create=True),
-      item_names=("state", "data"))
-  manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state),
-      data=ocp.args.JsonSave({"positions": [0], "process_count": 1})), force=True)
+  manager = checkpoints.open_manager(workdir / "checkpoints", create=True)
+  manager.save(step, args=checkpoints.save_args(state, positions=[0]), force=True)
   manager.wait_until_finished()
   manager.close()
   if config is not None:

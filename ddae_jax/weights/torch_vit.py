@@ -39,6 +39,7 @@ import numpy as np
 
 from ddae_jax.models.vit import sincos_pos_embed
 from ddae_jax.weights.pretrained import CheckpointMismatch
+from ddae_jax.weights.shapes import check_shapes, shapes_of
 
 LAYOUTS = ("timm", "mae_vit", "mae_pretrain", "beit")
 _LINEARS = (("attn", "qkv", 3), ("attn", "proj", 1), ("mlp", "fc1", 4), ("mlp", "fc2", 1))
@@ -89,16 +90,7 @@ def check_state_dict(found: dict, expected: dict[str, tuple], what: str) -> None
     expected: {key: shape} from `timm_shapes`.
     what: how the message names the architecture, e.g. "ViT-base/16 (timm layout)".
   """
-  shapes = {k: tuple(np.shape(v)) for k, v in found.items()}
-  lines = [f"  shape mismatch: {k} expected {expected[k]}, found {shapes[k]}"
-           for k in sorted(expected.keys() & shapes.keys()) if expected[k] != shapes[k]]
-  lines += [f"  missing: {k} {expected[k]}" for k in sorted(expected.keys() - shapes.keys())]
-  lines += [f"  unexpected: {k} {shapes[k]}" for k in sorted(shapes.keys() - expected.keys())]
-  if lines:
-    raise StateDictMismatch(
-        f"the state dict is not a {what}: {len(lines)} names differ:\n"
-        + "\n".join(lines[:60]) + (f"\n  ... and {len(lines) - 60} more" if len(lines) > 60
-                                   else ""))
+  check_shapes(shapes_of(found), expected, StateDictMismatch, f"the state dict is not a {what}")
 
 
 def split_state_dict(raw: dict) -> tuple[dict, list[str]]:

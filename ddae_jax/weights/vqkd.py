@@ -10,15 +10,17 @@ beit2) holds `{"model": state_dict}` with
   quantize.* buffers (cluster sizes, EMA sums)  codebook training only
   decoder.*, decode_task_layer.*                tokenizer training only
 Only the first three groups are read; the rest is skipped by name. The file is
-read with `torch.load(weights_only=True)` (tensors and plain containers only,
-never arbitrary pickled objects) or as safetensors.
+read by `ddae_jax/weights/state_dict.py`: `torch.load(weights_only=True)`
+(tensors and plain containers only, never arbitrary pickled objects) or as
+safetensors.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from ddae_jax.weights import torch_vit
+from ddae_jax.weights import state_dict, torch_vit
+from ddae_jax.weights.shapes import check_shapes, shapes_of
 
 # Tokenizer-training state we neither need nor export.
 SKIPPED_PREFIXES = ("decoder.", "decode_task_layer.", "teacher_model.", "scaling_layer.",
@@ -31,17 +33,18 @@ class TokenizerMismatch(ValueError):
 
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
-  """The checkpoint's tensors as float32 NumPy arrays (`.safetensors` or a torch file)."""
-  if path.endswith(".safetensors"):
-    from safetensors.numpy import load_file
-    return {k: np.asarray(v, np.float32) for k, v in load_file(path).items()}
-  import torch
-  obj = torch.load(path, map_location="cpu", weights_only=True)
+  """The checkpoint's tensors as NumPy arrays, floats as float32 (`.safetensors` or a torch file).
+
+  Raises state_dict.ConvertError: WeightsFileMissing (an OSError) for a path
+  that does not exist, UnsafePickle (a pickle.UnpicklingError) for a file that
+  holds objects other than tensors.
+  """
+  sd = state_dict.read_state_dict(path)
   for key in ("model", "state_dict"):  # what VQ-KD's own loader unwraps
-    if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
-      obj = obj[key]
+    if isinstance(sd.get(key), dict):
+      sd = sd[key]
       break
-  return {k: v.detach().float().numpy() for k, v in obj.items() if hasattr(v, "detach")}
+  return {k: v for k, v in sd.items() if isinstance(v, np.ndarray)}
 
 
 def expected_shapes(width: int, depth: int, patch_size: int, num_patches: int,
@@ -73,19 +76,29 @@ def expected_shapes(width: int, depth: int, patch_size: int, num_patches: int,
 
 
 def check_state_dict(sd: dict, expected: dict) -> None:
-  """Raises TokenizerMismatch listing every missing, unexpected or misshapen tensor."""
-  found = {k: tuple(np.shape(v)) for k, v in sd.items() if not k.startswith(SKIPPED_PREFIXES)}
-  lines = [f"  shape mismatch: {k} expected {expected[k]}, found {found[k]}"
-           for k in sorted(expected.keys() & found.keys()) if expected[k] != found[k]]
-  lines += [f"  missing from the checkpoint: {k} {expected[k]}"
-            for k in sorted(expected.keys() - found.keys())]
-  lines += [f"  unexpected in the checkpoint: {k} {found[k]}"
-            for k in sorted(found.keys() - expected.keys())]
-  if lines:
-    raise TokenizerMismatch(
-        "the tokenizer checkpoint does not match the configured VQ-KD tokenizer "
-        f"({len(lines)} problems):\n" + "\n".join(lines[:80])
-        + (f"\n  ... and {len(lines) - 80} more" if len(lines) > 80 else ""))
+  """Raises TokenizerMismatch listing every missing, unexpected or misshapen tensor.
+
+  Args:
+    sd: {name: array} as `read_state_dict` returns it.
+    expected: {name: shape} from `expected_shapes`.
+  """
+  found = {k: v for k, v in shapes_of(sd).items() if not k.startswith(SKIPPED_PREFIXES)}
+  check_shapes(found, expected, TokenizerMismatch,
+               "the tokenizer checkpoint does not match the configured VQ-KD tokenizer",
+               missing="missing from the checkpoint", unexpected="unexpected in the checkpoint")
+
+
+def check_params(converted: dict, model: dict) -> None:
+  """Raises TokenizerMismatch when converted parameters differ from the model's tree.
+
+  Args:
+    converted: `params_from_torch`'s tree (NumPy arrays).
+    model: the `VQKDTokenizer` parameters the config builds (arrays or ShapeDtypeStructs).
+  """
+  check_shapes(shapes_of(converted), shapes_of(model), TokenizerMismatch,
+               "converted tokenizer parameters differ from the model's",
+               missing="missing from the converted parameters",
+               unexpected="unexpected in the converted parameters")
 
 
 def params_from_torch(sd: dict, depth: int) -> dict:
@@ -132,7 +145,10 @@ def params_to_torch(params: dict, depth: int, patch_size: int) -> dict[str, np.n
 
 def load_tokenizer_params(path: str, *, width: int, depth: int, patch_size: int,
                           num_patches: int, code_dim: int, vocab_size: int) -> dict:
-  """Reads, checks and converts a tokenizer checkpoint. Raises TokenizerMismatch."""
+  """Reads, checks and converts a tokenizer checkpoint.
+
+  Raises TokenizerMismatch, or `read_state_dict`'s errors.
+  """
   sd = read_state_dict(path)
   check_state_dict(sd, expected_shapes(width, depth, patch_size, num_patches, code_dim,
                                        vocab_size))

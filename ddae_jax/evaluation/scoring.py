@@ -1,4 +1,4 @@
-"""What the three protocols share: restoring the pretrained encoder, metrics, the CLI.
+"""Classification scores of a padded, sharded validation set, and where they are written.
 
 `classification_sums` turns logits of a padded batch into masked sums
 (correct top-1, top-5, loss, count), summed over the whole global batch by
@@ -15,44 +15,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from etils import epath
-
-from ddae_jax import config_lib
-from ddae_jax.evaluation import classifier
-from ddae_jax.weights import checkpoints, pretrained
-
-
-def restore_encoder(config, expected: dict, image_size: int, patch_size: int) -> dict | None:
-  """The chosen encoder of config.init_dir as host arrays, fitted to `expected`.
-
-  None when config.random_init (the randomly initialised baseline).
-
-  Raises:
-    ConfigError: no init_dir given.
-    CheckpointMissing: the workdir or its checkpoint does not exist.
-    CheckpointMismatch: the checkpoint holds another model size; the message
-      names the expected and the found architecture and every differing shape.
-  """
-  if config.random_init:
-    logging.warning("config.random_init: evaluating a randomly initialised encoder")
-    return None
-  init_dir = config.init_dir
-  if not init_dir:
-    raise config_lib.ConfigError(
-        "config.init_dir = '' is invalid: allowed a pretraining workdir "
-        "(--config.init_dir=DIR holding checkpoints/<step>/state)")
-  if not epath.Path(init_dir).exists():
-    raise checkpoints.CheckpointMissing(
-        f"config.init_dir = {init_dir!r}: expected a pretraining workdir with "
-        "checkpoints/<step>/state, found no such directory")
-  step = None if config.init_step < 0 else int(config.init_step)
-  found, step = pretrained.load_encoder(init_dir, config.encoder, step)
-  where = f"checkpoint {init_dir} (step {step}, {config.encoder} encoder)"
-  saved = pretrained.load_config(init_dir)
-  if saved is not None and "model" in saved:
-    where += f", pretrained as model.size={saved.model.get('size')!r}"
-  params = classifier.encoder_for_classifier(found, expected, image_size, patch_size, where)
-  logging.info("Restored the %s encoder of %s, step %d", config.encoder, init_dir, step)
-  return params
 
 
 def classification_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> dict:
