@@ -46,11 +46,8 @@ def state_layout(config, model: Method, tx, mesh):
     (init, abstract, shardings): init(rng) -> state; abstract is its
     ShapeDtypeStruct tree (with the shardings); shardings the NamedSharding tree of the rules.
   """
-  init = functools.partial(init_state, model, tx)
-  _, shardings, abstract = runtime.sharded_state(init, mesh, config.sharding.rules,
-                                                 jax.random.PRNGKey(config.seed),
-                                                 materialize=False)
-  return init, abstract, shardings
+  _, shardings, abstract = create_train_state(config, model, tx, mesh, materialize=False)
+  return functools.partial(init_state, model, tx), abstract, shardings
 
 
 def create_train_state(config, model: Method, tx, mesh, materialize: bool = True):

@@ -13,8 +13,7 @@ import jax.numpy as jnp
 
 from ddae_jax import config_lib, metrics, sharding
 from ddae_jax.data.normalize import normalize_images
-from ddae_jax.evaluation import classifier, input_pipeline, scoring
-from ddae_jax.evaluation import config as eval_config
+from ddae_jax.evaluation import classifier, input_pipeline, loop, scoring
 
 
 def embed(encoder, pooling, params, batch) -> dict:
@@ -50,10 +49,7 @@ def knn_sums(k, temperature, num_classes, bank, batch) -> dict:
 
 def evaluate(config, devices=None) -> dict:
   """Top-1, top-5, loss and count of the k-NN classifier on config.data.eval_split."""
-  devices = list(jax.devices() if devices is None else devices)
-  eval_config.check(config, num_devices=len(devices), require_init_dir=not config.random_init)
-  mesh = sharding.make_mesh(config.sharding.mesh, devices)
-  batch_spec = sharding.batch_sharding(mesh)
+  mesh, batch_spec = loop.setup(config, devices)  # validates the config, makes the mesh
   encoder = classifier.frozen_encoder(config)
   params = classifier.frozen_encoder_params(config, encoder, mesh)
   embed_fn = jax.jit(functools.partial(embed, encoder, config.model.pooling),
