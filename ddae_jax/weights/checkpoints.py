@@ -10,6 +10,8 @@ checkpoints intact and the partial one ignored.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 
 import jax
@@ -75,6 +77,50 @@ def restore_args(abstract_state, data: bool = True) -> ocp.args.Composite:
   return ocp.args.Composite(**items)
 
 
+class _LoopThatEndsItsTasks(asyncio.SelectorEventLoop):
+  """An event loop that cancels and awaits its unfinished tasks before it closes.
+
+  Orbax (from 0.12.5) runs a restore as `loop.run_until_complete(...)` then
+  `loop.close()` on a fresh loop. When one array's read fails, the gather of
+  all reads raises at once and the loop is closed with the other reads still
+  pending in TensorStore; each of those later calls `call_soon_threadsafe` on
+  the closed loop ("RuntimeError: Event loop is closed", a traceback per read).
+  Cancelling an asyncio task cancels the TensorStore future it awaits, so
+  after this close no read of the failed attempt is left running.
+  """
+
+  def close(self):
+    if not self.is_closed() and not self.is_running():
+      pending = [t for t in asyncio.all_tasks(self) if not t.done()]
+      for task in pending:
+        task.cancel()
+      if pending:
+        self.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+    super().close()
+
+
+class _PolicyOfLoopsThatEndTheirTasks(asyncio.DefaultEventLoopPolicy):
+
+  def new_event_loop(self):
+    return _LoopThatEndsItsTasks()
+
+
+@contextlib.contextmanager
+def no_io_outlives_a_failed_read():
+  """Within it, every new event loop ends its pending tasks when closed (see above).
+
+  The policy is process-wide while it holds; a restore runs before any save of
+  the run starts, and the loops it gives other threads behave as usual when
+  nothing is pending.
+  """
+  previous = asyncio.get_event_loop_policy()
+  asyncio.set_event_loop_policy(_PolicyOfLoopsThatEndTheirTasks())
+  try:
+    yield
+  finally:
+    asyncio.set_event_loop_policy(previous)
+
+
 class Checkpointer:
 
   def __init__(self, directory, every_steps: int, keep: int, use_async: bool = True,
@@ -108,7 +154,8 @@ class Checkpointer:
       abstract_state: jax.ShapeDtypeStruct tree with shardings: where each
         restored array goes.
     """
-    out = self.manager.restore(step, args=restore_args(abstract_state))
+    with no_io_outlives_a_failed_read():
+      out = self.manager.restore(step, args=restore_args(abstract_state))
     data = out[DATA]
     if data["process_count"] != jax.process_count():
       # Per-process input streams differ with the process count; the
@@ -194,7 +241,8 @@ def check_tree(directory, step: int, abstract_state) -> None:
   """
   manager = open_manager(directory, read_only=True)
   try:
-    metadata = manager.item_metadata(step)
+    with no_io_outlives_a_failed_read():  # reads each array's .zarray through TensorStore
+      metadata = manager.item_metadata(step)
     # Names only ("a/b/0"): the metadata stores optax's named tuples as dicts.
     saved = shapes_of(metadata[STATE]) if metadata and metadata.get(STATE) else {}
   finally:

@@ -67,13 +67,16 @@ def restore_state(workdir, step: int | None = None) -> tuple[dict, int]:
     raise CheckpointMissing(
         f"no checkpoint {'at step ' + str(step) if step is not None else ''} in {directory}"
         f" (found steps {sorted(manager.all_steps())})")
-  metadata = manager.item_metadata(step)[checkpoints.STATE]
   cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-  abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=cpu),
-                          metadata)
-  state = manager.restore(step, args=checkpoints.restore_args(abstract, data=False))
+  try:
+    with checkpoints.no_io_outlives_a_failed_read():
+      metadata = manager.item_metadata(step)[checkpoints.STATE]
+      abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=cpu),
+                              metadata)
+      state = manager.restore(step, args=checkpoints.restore_args(abstract, data=False))
+  finally:
+    manager.close()
   state = state[checkpoints.STATE]
-  manager.close()
   return jax.tree.map(np.asarray, dict(state)), step
 
 
