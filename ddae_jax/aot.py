@@ -33,8 +33,9 @@ The library: ddae_jax/perf/aot.py.
 
 from absl import app, flags
 
+from ddae_jax import cli
 from ddae_jax.perf import aot
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
-  app.run(aot.main)
+  app.run(cli.exits_on_user_errors(aot.main))

@@ -14,8 +14,9 @@ The library: ddae_jax/perf/bench.py.
 
 from absl import app, flags
 
+from ddae_jax import cli
 from ddae_jax.perf import bench
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
-  app.run(bench.main)
+  app.run(cli.exits_on_user_errors(bench.main))

@@ -47,6 +47,17 @@ def user_errors() -> tuple[type[Exception], ...]:
           pretrained.CheckpointMismatch, runtime.NonFiniteLoss)
 
 
+def exits_on_user_errors(fn):
+  """`fn` whose user errors (`user_errors`) end the process with their one-line message."""
+  def wrapped(*args, **kwargs):
+    errors = user_errors()
+    try:
+      return fn(*args, **kwargs)
+    except errors as err:
+      raise SystemExit(f"error: {err}") from None
+  return wrapped
+
+
 def run(fn, config_help: str) -> None:
   """absl main: defines the flags, starts jax.distributed, calls fn(); user errors exit 1."""
   define_flags(config_help)
@@ -54,11 +65,7 @@ def run(fn, config_help: str) -> None:
   def main(argv):
     del argv
     initialize_distributed()
-    errors = user_errors()
-    try:
-      fn()
-    except errors as err:
-      raise SystemExit(f"error: {err}") from None
+    exits_on_user_errors(fn)()
 
   app.run(main)
 

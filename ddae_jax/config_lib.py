@@ -369,6 +369,30 @@ def epochs_to_steps(config, epochs: float, num_images: int | None = None) -> int
   return int(round(epochs * num_images / config.batch_size))
 
 
+def check_steps(config, num_images: int | None = None) -> None:
+  """Raises ConfigError unless the run has steps and its cosine decay has at least one.
+
+  Steps depend on the dataset's size, so this runs where the schedule is made
+  (optim.lr_schedule, every protocol), not in `validate`. Without it optax
+  stops with "cosine_decay_schedule requires positive decay_steps".
+  """
+  n = config.num_train_images if num_images is None else num_images
+  fixed = config.get("num_steps", 0) > 0
+  total = int(config.num_steps) if fixed else epochs_to_steps(config, config.epochs, n)
+  per_epoch = f"over {n:,} images at batch {config.batch_size}"
+  if total < 1:
+    fail("epochs", config.epochs, f"at least {config.batch_size / (2 * n):.3g} (one step "
+         f"{per_epoch}); {config.epochs} epochs round to 0 steps")
+  warmup = epochs_to_steps(config, config.optim.warmup_epochs, n)
+  if warmup >= total:
+    length = (f"config.num_steps = {total}" if fixed
+              else f"config.epochs = {config.epochs} ({total} steps {per_epoch})")
+    raise ConfigError(
+        f"config.optim.warmup_epochs = {config.optim.warmup_epochs} ({warmup} steps) is not "
+        f"shorter than {length}: the cosine decay after the warm-up needs at least one step; "
+        f"raise config.{'num_steps' if fixed else 'epochs'} or lower config.optim.warmup_epochs")
+
+
 def learning_rate(config) -> float:
   return config.optim.base_lr * config.batch_size / 256
 
@@ -573,8 +597,9 @@ def validate(config, num_devices: int | None = None) -> None:
     fail("optim.eps", o.eps, "a value > 0")
   if o.weight_decay < 0:
     fail("optim.weight_decay", o.weight_decay, "a value >= 0")
-  if not 0 <= o.warmup_epochs <= config.epochs:
-    fail("optim.warmup_epochs", o.warmup_epochs, f"a value in [0, epochs = {config.epochs}]")
+  if not 0 <= o.warmup_epochs < config.epochs:
+    fail("optim.warmup_epochs", o.warmup_epochs, f"a value in [0, epochs = {config.epochs}): "
+         "the cosine decay after the warm-up needs at least one step")
   if config.epochs <= 0:
     fail("epochs", config.epochs, "a value > 0")
   if config.batch_size < 1:

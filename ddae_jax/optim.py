@@ -59,8 +59,10 @@ def warmup_cosine(peak: float, warmup_steps: int, total_steps: int,
 def lr_schedule(config, num_images: int | None = None) -> optax.Schedule:
   """Linear warm-up to base_lr * batch / 256, then cosine decay to min_lr (every protocol).
 
-  Epochs are passes over `num_images` (None: config.num_train_images).
+  Epochs are passes over `num_images` (None: config.num_train_images); a run
+  without a step to decay over stops here with a ConfigError naming the fields.
   """
+  config_lib.check_steps(config, num_images)
   return warmup_cosine(
       config_lib.learning_rate(config),
       config_lib.epochs_to_steps(config, config.optim.warmup_epochs, num_images),

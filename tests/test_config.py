@@ -20,6 +20,7 @@ def load(path, arg=""):
 
 def _check_pretraining(config):
   config_lib.validate(config, num_devices=8)
+  config_lib.check_steps(config)  # the schedule has steps and a decay after its warm-up
   assert config_lib.total_steps(config) >= 1
 
 
@@ -144,3 +145,37 @@ def test_attention_auto_follows_the_target_platform():
   e.model.attention_impl = "pallas"
   with pytest.raises(config_lib.ConfigError, match="model.attention_impl"):
     eval_config.check(e)
+
+
+@pytest.mark.parametrize("builder", ["pretraining", "finetune", "linear_probe"])
+def test_a_schedule_without_decay_steps_names_epochs_and_warmup(builder):
+  from ddae_jax import optim
+  from ddae_jax.evaluation import config as eval_config
+  if builder == "pretraining":
+    c = load(os.path.join(REPO, "configs", "quickstart.py"))
+  else:
+    c = eval_config.quickstart(eval_config.BUILDERS[builder]("tiny"))
+  c.batch_size, c.optim.warmup_epochs = 64, 1.0
+  c.epochs = 1.004  # validate passes (warm-up < epochs); in steps both are 23 over 1,497 images
+  with pytest.raises(config_lib.ConfigError) as err:
+    optim.lr_schedule(c, 1497)
+  message = str(err.value)
+  assert "\n" not in message
+  assert ("config.optim.warmup_epochs = 1.0 (23 steps) is not shorter than config.epochs = "
+          "1.004 (23 steps over 1,497 images at batch 64)") in message
+  c.epochs = 1.05  # 25 steps: two of cosine decay
+  assert float(optim.lr_schedule(c, 1497)(24)) > 0
+  c.epochs, c.optim.warmup_epochs = 0.01, 0.0
+  with pytest.raises(config_lib.ConfigError, match=r"config.epochs = 0.01 is invalid: allowed "
+                     r"at least 0.0214 \(one step over 1,497 images at batch 64\); 0.01 epochs "
+                     r"round to 0 steps"):
+    optim.lr_schedule(c, 1497)
+
+
+def test_a_fixed_number_of_steps_shorter_than_the_warm_up_is_refused():
+  from ddae_jax import optim
+  c = load(os.path.join(REPO, "configs", "vitb.py"), "smoke")
+  c.optim.warmup_epochs = 0.001  # 160 steps of ImageNet at batch 8 > num_steps = 20
+  with pytest.raises(config_lib.ConfigError, match=r"warmup_epochs = 0.001 \(160 steps\) is not "
+                     r"shorter than config.num_steps = 20: .* raise config.num_steps or lower"):
+    optim.lr_schedule(c, 1_281_167)

@@ -245,8 +245,9 @@ def _check_training(config):
   for field in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
     _positive(config, field, integer=True)
   o = config.optim
-  if not 0 <= o.warmup_epochs <= config.epochs:
-    fail("optim.warmup_epochs", o.warmup_epochs, f"a value in [0, epochs = {config.epochs}]")
+  if not 0 <= o.warmup_epochs < config.epochs:
+    fail("optim.warmup_epochs", o.warmup_epochs, f"a value in [0, epochs = {config.epochs}): "
+         "the cosine decay after the warm-up needs at least one step")
   if o.weight_decay < 0:
     fail("optim.weight_decay", o.weight_decay, "a value >= 0")
   if config.protocol == "linear_probe":
@@ -275,3 +276,5 @@ def _check_training(config):
 def config_file_check(config) -> None:
   """What tests/test_config.py runs on every eval config file and variant."""
   check(config, num_devices=8)
+  if config.protocol != "knn":  # k-NN has no schedule
+    config_lib.check_steps(config)

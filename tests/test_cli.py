@@ -1,0 +1,36 @@
+"""cli.py: every binary ends a user's error with one line naming the fields, and writes nothing."""
+
+import os
+import sys
+
+import pytest
+import trainer_utils as tu
+
+_BAD_SCHEDULE = ("--config.epochs=1.004", "--config.optim.warmup_epochs=1")  # 23 and 23 steps
+_ONE_LINE = ("error: config.optim.warmup_epochs = 1.0 ({w} steps) is not shorter than "
+             "config.epochs = 1.004 ({w} steps over {n} images at batch 64): the cosine decay "
+             "after the warm-up needs at least one step; raise config.epochs or lower "
+             "config.optim.warmup_epochs")
+
+
+@pytest.mark.slow  # five binaries, each a subprocess that imports JAX (and TensorFlow)
+@pytest.mark.parametrize("binary,config,extra,images", [
+    ("main", "quickstart", (), "1,497"),
+    ("finetune", "finetune_quickstart", ("--config.random_init=True",), "1,497"),
+    ("linear_probe", "linear_probe_quickstart", ("--config.random_init=True",), "1,497"),
+    ("aot", "quickstart", ("--topology=v5e-4",), "256"),  # no data: num_train_images
+    ("bench", "quickstart", (), "256"),
+])
+def test_every_binary_ends_a_schedule_without_decay_steps_with_one_line(
+    tmp_path, binary, config, extra, images):
+  workdir = tmp_path / "run"
+  flags = [f"--workdir={workdir}"] if binary in ("main", "finetune", "linear_probe") else []
+  cmd = [sys.executable, "-m", f"ddae_jax.{binary}",
+         f"--config={os.path.join(tu.REPO, 'configs', config + '.py')}", *flags, *extra,
+         *_BAD_SCHEDULE]
+  proc = tu.run(cmd, 1, timeout=300)
+  steps = 23 if images == "1,497" else 4
+  assert proc.returncode == 1, proc.stdout[-3000:]
+  assert proc.stdout.rstrip().splitlines()[-1] == _ONE_LINE.format(w=steps, n=images)
+  assert "Traceback" not in proc.stdout
+  assert not (workdir / "config.json").exists()
