@@ -25,7 +25,7 @@ from typing import Any, Callable
 import jax
 from jax.experimental import multihost_utils
 
-from ddae_jax import metrics, sharding
+from ddae_jax import config_lib, metrics, sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,8 +125,9 @@ class StopDecision:
     self._signalled = False
     self.synced = jax.distributed.is_initialized()
     if self.synced and not getattr(jax.config, "jax_enable_preemption_service", True):
-      raise RuntimeError("jax_enable_preemption_service is off: the processes of this run "
-                         "could not stop together on SIGTERM. Turn it on.")
+      raise config_lib.ConfigError(
+          "jax_enable_preemption_service is off: the processes of this run could not stop "
+          "together on SIGTERM. Turn it on (JAX_ENABLE_PREEMPTION_SERVICE=1).")
     if not self.synced:
       try:
         signal.signal(signal.SIGTERM, self._handle)

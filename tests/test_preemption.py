@@ -88,8 +88,6 @@ def test_orbax_never_asks_jax_about_preemption(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------- two-process runs
 
-
-
 def _overrides(steps: int, *more) -> tuple:
   """`steps` of configs/tiny.py (16 per epoch), a save every 4, each step logged (its step
   number is how the tests know where a run is)."""
@@ -97,8 +95,7 @@ def _overrides(steps: int, *more) -> tuple:
           "--config.checkpoint_every_steps=4", "--config.log_every_steps=1", *more)
 
 
-STEPS = 40
-OVERRIDES = _overrides(STEPS)
+STEPS = 24
 # SIGTERM (to any process) -> every process has exited with status 0. On this
 # 2-core CPU about 7 s (README); the bound allows for a loaded machine.
 STOP_WITHIN_S = 60
@@ -106,6 +103,7 @@ STOP_WITHIN_S = 60
 # exited (non-zero): the timeout plus time for the process to end.
 HEARTBEAT_S = 10
 LOST_WITHIN_S = HEARTBEAT_S + 50
+OVERRIDES = _overrides(STEPS, f"--heartbeat_timeout={HEARTBEAT_S}")
 
 
 def _logs(procs) -> str:
@@ -182,73 +180,75 @@ def _stopped_together(procs, workdir, signalled_at: float) -> int:
   return step
 
 
-@pytest.mark.slow  # five two-process runs of the tiny model, about 4 min on 2 cores
-def test_preempted_runs_stop_together_and_resume_to_the_uninterrupted_result(tmp_path):
-  """SIGTERM to process 0; to both, 2 s apart; to process 1 during a save. Each rerun resumes
-  from the step the run stopped at and is interrupted in turn; the last ends bit-identical to
-  an uninterrupted two-process run."""
-  cache = str(tmp_path / "jax_cache")  # the reference compiles, the reruns load
+def _sigterm_to_process_0(run, cache):
+  procs = tu.start_processes(run, *OVERRIDES, cache_dir=cache)
+  _wait_until(procs, lambda: _logged_step(run) >= 3, "step 3")
+  procs[0].send_signal(signal.SIGTERM)
+  return _stopped_together(procs, run, time.monotonic())
+
+
+def _sigterm_to_both_2s_apart(run, cache, resume):
+  procs = tu.start_processes(run, *OVERRIDES, cache_dir=cache)
+  _wait_until(procs, lambda: _logged_step(run) >= resume + 2, f"step {resume + 2}")
+  assert _resumed_from(procs) == [resume, resume], _logs(procs)
+  procs[0].send_signal(signal.SIGTERM)
+  signalled = time.monotonic()
+  time.sleep(2.0)
+  procs[1].send_signal(signal.SIGTERM)  # (nothing once it has exited)
+  return _stopped_together(procs, run, signalled)
+
+
+def _sigterm_to_process_1_during_a_save(run, cache, resume):
+  procs = tu.start_processes(run, *OVERRIDES, cache_dir=cache)
+  _wait_until(procs, lambda: any(s > resume for s in _saving(run)), "a save after the resume")
+  procs[1].send_signal(signal.SIGTERM)
+  signalled, interrupted = time.monotonic(), max(_saving(run))
+  assert _resumed_from(procs) == [resume, resume], _logs(procs)
+  stop = _stopped_together(procs, run, signalled)
+  assert interrupted in tu.checkpoint_steps(run) and stop >= interrupted
+  return stop
+
+
+def _sigkill_to_process_1(run, cache, resume):
+  """Returns the last complete checkpoint's step."""
+  procs = tu.start_processes(run, *OVERRIDES, cache_dir=cache)
+  saved = lambda: [s for s in tu.checkpoint_steps(run) if s > resume]  # noqa: E731
+  _wait_until(procs, lambda: saved() and _logged_step(run) >= saved()[0] + 2,
+              "a checkpoint after the resume and two more steps")
+  assert _resumed_from(procs) == [resume, resume], _logs(procs)
+  procs[1].kill()  # SIGKILL, as from the OOM killer; a lost host looks the same
+  killed_at = time.monotonic()
+  code, = _wait_all(procs[:1], LOST_WITHIN_S + 300)
+  elapsed = time.monotonic() - killed_at
+  procs[1].wait()
+  assert code != 0 and elapsed <= LOST_WITHIN_S, (code, elapsed, _logs(procs))
+  # JAX's coordination service names the process that stopped sending heartbeats.
+  assert re.search(r"Task 1 heartbeat timeout|stopped sending heartbeats\):\s*1\b",
+                   procs[0].output()), _logs(procs)
+  print(f"process 0 exited (status {code}) {elapsed:.1f} s after process 1 was killed")
+  return tu.checkpoint_steps(run)[-1]
+
+
+@pytest.mark.slow  # six two-process runs of the tiny model: about 4 min on 2 busy cores
+def test_preempted_or_killed_runs_stop_in_bounded_time_and_resume_to_the_same_result(tmp_path):
+  """SIGTERM to process 0; to both, 2 s apart; to process 1 during a save; SIGKILL to process
+  1. Each rerun resumes where the run before it stopped (the last complete checkpoint after the
+  SIGKILL) and is interrupted in turn; the last ends bit-identical to an uninterrupted run."""
+  cache = str(tmp_path / "jax_cache")  # process 0 loads what it compiled before
   reference, run = str(tmp_path / "reference"), str(tmp_path / "run")
   procs = tu.start_processes(reference, *OVERRIDES, cache_dir=cache)
   assert _wait_all(procs) == [0, 0], _logs(procs)
 
-  # SIGTERM to process 0 only.
-  procs = tu.start_processes(run, *OVERRIDES, cache_dir=cache)
-  _wait_until(procs, lambda: _logged_step(run) >= 3, "step 3")
-  procs[0].send_signal(signal.SIGTERM)
-  stop = _stopped_together(procs, run, time.monotonic())
+  stop = _sigterm_to_process_0(run, cache)
+  stop = _sigterm_to_both_2s_apart(run, cache, stop)
+  stop = _sigterm_to_process_1_during_a_save(run, cache, stop)
+  last_complete = _sigkill_to_process_1(run, cache, stop)
 
-  # SIGTERM to both, 2 s apart.
-  procs = tu.start_processes(run, *OVERRIDES, cache_dir=cache)
-  _wait_until(procs, lambda: _logged_step(run) >= stop + 2, f"step {stop + 2}")
-  assert _resumed_from(procs) == [stop, stop], _logs(procs)
-  procs[0].send_signal(signal.SIGTERM)
-  signalled = time.monotonic()
-  time.sleep(2.0)
-  procs[1].send_signal(signal.SIGTERM)  # (a no-op once it has exited)
-  stop = _stopped_together(procs, run, signalled)
-
-  # SIGTERM to process 1 while a save is being written.
-  procs = tu.start_processes(run, *OVERRIDES, cache_dir=cache)
-  _wait_until(procs, lambda: any(s > stop for s in _saving(run)), "a save after the resume")
-  procs[1].send_signal(signal.SIGTERM)
-  signalled, interrupted = time.monotonic(), max(_saving(run))
-  assert _resumed_from(procs) == [stop, stop], _logs(procs)
-  stop = _stopped_together(procs, run, signalled)
-  assert interrupted in tu.checkpoint_steps(run) and stop >= interrupted
-
-  # The rerun to the end.
   procs = tu.start_processes(run, *OVERRIDES, cache_dir=cache)
   assert _wait_all(procs) == [0, 0], _logs(procs)
-  assert _resumed_from(procs) == [stop, stop], _logs(procs)
+  assert _resumed_from(procs) == [last_complete, last_complete], _logs(procs)
   expected, expected_data = tu.checkpoint_arrays(reference, STEPS)
   got, data = tu.checkpoint_arrays(run, STEPS)
   assert data == expected_data and sorted(got) == sorted(expected)
   for path, leaf in expected.items():
     np.testing.assert_array_equal(got[path], leaf, err_msg=path)
-
-
-@pytest.mark.slow  # two two-process runs of the tiny model, about 2 min on 2 cores
-def test_a_killed_process_ends_the_other_within_the_heartbeat_timeout_and_the_rerun_resumes(
-    tmp_path):
-  run = str(tmp_path / "run")
-  overrides = _overrides(24, f"--heartbeat_timeout={HEARTBEAT_S}")
-  cache = str(tmp_path / "jax_cache")
-  procs = tu.start_processes(run, *overrides, cache_dir=cache)
-  _wait_until(procs, lambda: _logged_step(run) >= 6 and tu.checkpoint_steps(run)[-1:] >= [4],
-              "step 6 and the checkpoint of step 4")
-  procs[1].kill()  # SIGKILL, as the OOM killer or a lost host
-  killed_at = time.monotonic()
-  code, = _wait_all(procs[:1], LOST_WITHIN_S + 300)
-  elapsed = time.monotonic() - killed_at
-  assert code != 0 and elapsed <= LOST_WITHIN_S, (code, elapsed, _logs(procs))
-  # JAX's coordination service names the process that stopped sending heartbeats.
-  assert re.search(r"Task 1 heartbeat timeout|stopped sending heartbeats\):\s*1\b",
-                   procs[0].output()), _logs(procs)
-  print(f"process 0 exited {elapsed:.1f} s after process 1 was killed")
-  last = tu.checkpoint_steps(run)[-1]
-
-  procs = tu.start_processes(run, *overrides, cache_dir=cache)
-  assert _wait_all(procs) == [0, 0], _logs(procs)
-  assert _resumed_from(procs) == [last, last], _logs(procs)
-  assert tu.checkpoint_steps(run)[-1] == 24
