@@ -44,18 +44,19 @@ def initialize_distributed() -> None:
     args = ()  # the cluster's environment says who is who
   else:
     return
-  jax.distributed.initialize(*args, **_heartbeat_option(jax.distributed.initialize))
+  jax.distributed.initialize(
+      *args, **heartbeat_option(jax.distributed.initialize, FLAGS.heartbeat_timeout))
 
 
-def _heartbeat_option(initialize) -> dict:
-  """{"heartbeat_timeout_seconds": --heartbeat_timeout} where this jax takes it (>= 0.7)."""
+def heartbeat_option(initialize, seconds: int) -> dict:
+  """{"heartbeat_timeout_seconds": seconds} where `initialize` takes it (jax >= 0.7)."""
   from ddae_jax import cluster
   if "heartbeat_timeout_seconds" in inspect.signature(initialize).parameters:
-    return {"heartbeat_timeout_seconds": FLAGS.heartbeat_timeout}
-  if FLAGS.heartbeat_timeout != cluster.DEFAULT_HEARTBEAT_TIMEOUT_S:
-    raise SystemExit(f"error: --heartbeat_timeout={FLAGS.heartbeat_timeout} needs jax >= 0.7 "
-                     f"(this jax has a fixed {cluster.DEFAULT_HEARTBEAT_TIMEOUT_S} s); "
-                     "upgrade jax or drop the flag.")
+    return {"heartbeat_timeout_seconds": seconds}
+  if seconds != cluster.DEFAULT_HEARTBEAT_TIMEOUT_S:
+    raise SystemExit(f"error: --heartbeat_timeout={seconds} needs jax >= 0.7 (this jax has a "
+                     f"fixed {cluster.DEFAULT_HEARTBEAT_TIMEOUT_S} s); upgrade jax or drop the "
+                     "flag.")
   return {}
 
 

@@ -200,9 +200,11 @@ def _sigterm_to_both_2s_apart(run, cache, resume):
 
 def _sigterm_to_process_1_during_a_save(run, cache, resume):
   procs = tu.start_processes(run, *OVERRIDES, cache_dir=cache)
-  _wait_until(procs, lambda: any(s > resume for s in _saving(run)), "a save after the resume")
+  saving = []
+  _wait_until(procs, lambda: saving.extend(s for s in _saving(run) if s > resume) or saving,
+              "a save after the resume")
   procs[1].send_signal(signal.SIGTERM)
-  signalled, interrupted = time.monotonic(), max(_saving(run))
+  signalled, interrupted = time.monotonic(), saving[0]
   assert _resumed_from(procs) == [resume, resume], _logs(procs)
   stop = _stopped_together(procs, run, signalled)
   assert interrupted in tu.checkpoint_steps(run) and stop >= interrupted
