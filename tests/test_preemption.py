@@ -86,6 +86,56 @@ def test_orbax_never_asks_jax_about_preemption(tmp_path, monkeypatch):
   assert ckpt.manager.all_steps() == [1, 2, 4] and asked == []  # (Orbax saves the first step)
 
 
+class _Loader:
+  """Batches of nothing; `position` counts them, as pipeline.TrainLoader counts records."""
+  position = 0
+
+  def __next__(self):
+    self.position += 1
+    return {}
+
+
+@pytest.mark.parametrize("stops_at,total", [(3, 8), (4, 4)])  # mid-run; at the last step
+def test_an_evaluation_inside_the_loop_that_stops_makes_the_loop_save_and_stop(
+    tmp_path, monkeypatch, stops_at, total):
+  """Fine-tuning's evaluation polls between its batches; the loop then saves and stops."""
+  import jax
+  import jax.numpy as jnp
+
+  from ddae_jax import metrics, runtime
+  from ddae_jax.evaluation import scoring
+  from ddae_jax.weights import checkpoints
+  previous = signal.getsignal(signal.SIGTERM)
+  decision = runtime.StopDecision()  # one process: its own SIGTERM handler
+  assert signal.getsignal(signal.SIGTERM) != previous  # (else the SIGTERM below ends pytest)
+  monkeypatch.setattr(runtime, "stop_decision", lambda: decision)
+  evaluated = []
+
+  def evaluate(state, step, done):
+    del state, done
+    if step == stops_at:
+      os.kill(os.getpid(), signal.SIGTERM)
+    scores = scoring.accumulate(lambda b: {"top1": 1.0, "top5": 1.0, "loss": 0.0, "count": 1},
+                                range(5), stop=decision.poll)
+    evaluated.append((step, scores is not None))
+
+  step_fn = jax.jit(lambda state, batch: ({"step": state["step"] + 1},
+                                          {"loss": jnp.float32(1.0)}))
+  ckpt = checkpoints.Checkpointer(str(tmp_path / "ckpt"), 100, 3, use_async=False)
+  try:
+    end = runtime.train_loop({"step": jnp.int32(0)}, step_fn, _Loader(), ckpt,
+                             metrics.JsonlWriter(str(tmp_path)), start_step=0,
+                             total_steps=total, batch_size=1, num_images=1, log_every=1,
+                             steps_in_flight=2, after_step=evaluate)
+  finally:
+    ckpt.close()
+    signal.signal(signal.SIGTERM, previous)
+  assert evaluated == [(s, s < stops_at) for s in range(1, stops_at + 1)]
+  assert (end.preempted, end.step, int(end.state["step"])) == (True, stops_at, stops_at)
+  assert ckpt.manager.all_steps()[-1] == stops_at
+  assert decision.polls == 1 + stops_at + (stops_at - 1) * 5  # no poll after the stop
+
+
 # ------------------------------------------------------------- two-process runs
 
 def _overrides(steps: int, *more) -> tuple:
