@@ -2,8 +2,8 @@
 a lost process ends the others within the heartbeat timeout, and reruns resume exactly.
 
 Two processes on 127.0.0.1 form one run through jax.distributed, as the hosts
-of a TPU slice do. The bounds asserted here are the README's ("What a
-preempted pod does").
+of a TPU slice do. The bounds asserted here are the README's ("A preempted
+pod").
 """
 
 import json
@@ -272,7 +272,7 @@ def _sigkill_to_process_1(run, cache, resume):
   return tu.checkpoint_steps(run)[-1]
 
 
-@pytest.mark.slow  # five two-process runs of the tiny model: 3 to 6 min on 2 busy cores
+@pytest.mark.slow  # five two-process runs of the tiny model: 6 to 7 min on 2 cores at load 9
 def test_preempted_or_killed_runs_stop_in_bounded_time_and_resume_to_the_same_result(tmp_path):
   """SIGTERM to process 0; to both 2 s apart, the first (to process 1) while a checkpoint is
   being written; SIGKILL to process 1. Each rerun resumes where the run before it stopped (the
