@@ -23,8 +23,9 @@ import time
 from typing import Any, Callable
 
 import jax
+from jax.experimental import multihost_utils
 
-from ddae_jax import metrics, sharding
+from ddae_jax import config_lib, metrics, sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,19 +96,70 @@ def check_finite(values: dict, step: int, ckpt) -> None:
         "or enable optim.grad_clip_norm, then resume from it.")
 
 
-class Preemption:
-  """Remembers a SIGTERM (what preemptible VMs send) so the loop can save and stop."""
+class StopDecision:
+  """Whether the run stops now for a preemption: one answer, the same on every process.
+
+  Poll it where every process passes equally often and in the same order:
+  the train loop polls before each dispatch; code that runs its own steps
+  inside the loop (an evaluation pass) may poll between them and, on True,
+  return at once; the loop then saves and stops. Once True it stays True.
+
+  Several processes: JAX's preemption sync point. jax.distributed.initialize
+  installs JAX's SIGTERM handler, which tells the coordination service; every
+  process's background thread then takes the highest poll count any process
+  has reached, plus one, as the stop point, so all stop after the same step
+  whichever host got the signal (even one blocked in a collective, whose
+  Python code cannot run). No Python SIGTERM handler is installed then: it
+  would replace JAX's (one handler per signal and process), and the notice
+  would never leave the host.
+  One process: a SIGTERM flag set by a Python handler.
+
+  Attributes:
+    polls: how often poll() asked (the sync manager's counter).
+    stopped: the latched answer.
+  """
 
   def __init__(self):
-    self.requested = False
-    try:
-      signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread (e.g. inside some test runners)
-      pass
+    self.polls = 0
+    self.stopped = False
+    self._signalled = False
+    self.synced = jax.distributed.is_initialized()
+    if self.synced and not getattr(jax.config, "jax_enable_preemption_service", True):
+      raise config_lib.ConfigError(
+          "jax_enable_preemption_service is off: the processes of this run could not stop "
+          "together on SIGTERM. Turn it on (JAX_ENABLE_PREEMPTION_SERVICE=1).")
+    if not self.synced:
+      try:
+        signal.signal(signal.SIGTERM, self._handle)
+      except ValueError:  # not the main thread (e.g. inside some test runners)
+        pass
 
   def _handle(self, *_):
     logging.warning("SIGTERM received: saving a checkpoint and stopping.")
-    self.requested = True
+    self._signalled = True
+
+  def poll(self) -> bool:
+    """True from the poll at which every process stops on; call it on every process."""
+    if not self.stopped:
+      self.polls += 1
+      if self.synced:
+        self.stopped = multihost_utils.reached_preemption_sync_point(self.polls)
+      else:
+        self.stopped = self._signalled
+      if self.stopped and self.synced:
+        logging.warning("Preemption notice: every process stops at poll %d.", self.polls)
+    return self.stopped
+
+
+_decision: StopDecision | None = None
+
+
+def stop_decision() -> StopDecision:
+  """This process's StopDecision (one per process: its poll count is the run's)."""
+  global _decision
+  if _decision is None:
+    _decision = StopDecision()
+  return _decision
 
 
 class StepsInFlight:
@@ -166,9 +218,11 @@ def train_loop(state, step_fn, loader, ckpt, writer, *, start_step: int, total_s
                save_every: int | None = None) -> LoopEnd:
   """Runs `step_fn` from `start_step` to `total_steps`; logs, saves, stops on preemption.
 
-  Before each dispatch the loop checks for SIGTERM and the cluster's preemption
-  notice: after one, no new step reaches the devices, at most `steps_in_flight`
-  are left to finish, and the state is saved at the last dispatched step.
+  Before each dispatch the loop polls `stop_decision()` (SIGTERM on one
+  process; JAX's preemption sync point, the same step on every process, on
+  several): once it says stop, no new step reaches the devices, at most
+  `steps_in_flight` are left to finish, and the state is saved at the last
+  dispatched step. `after_step` may poll it too and return early.
   Saves: on the checkpointer's interval (Orbax's, which also saves the first step
   of a run with no checkpoint) or every `save_every` steps, at the end, on
   preemption; never twice a step.
@@ -188,12 +242,12 @@ def train_loop(state, step_fn, loader, ckpt, writer, *, start_step: int, total_s
     LoopEnd.
   """
   progress = progress_action(total_steps, writer)
-  preemption = Preemption()
+  decision = stop_decision()
   in_flight = StepsInFlight(steps_in_flight, start_step)
   last, step, step_metrics = {}, start_step, None
   tick, tick_step = time.perf_counter(), start_step
   while step < total_steps:
-    stop = preemption.requested or ckpt.preempted(step)
+    stop = decision.poll()
     if not stop:
       state, step_metrics = step_fn(state, next(loader))
       step += 1
@@ -219,7 +273,7 @@ def train_loop(state, step_fn, loader, ckpt, writer, *, start_step: int, total_s
       after_step(state, step, done)
     if save_now:
       ckpt.save(step, state, loader.position, force=True)
-    if stop:
+    if stop or (done and decision.stopped):  # (an evaluation after the last step stopped)
       logging.warning("Stopped at step %d for preemption; rerun the same command to resume.",
                       step)
       return LoopEnd(state, step, last, preempted=True)

@@ -1,10 +1,14 @@
-"""cli.py: every binary ends a user's error with one line naming the fields, and writes nothing."""
+"""cli.py: every binary ends a user's error with one line naming the fields, and writes nothing;
+the heartbeat timeout reaches jax.distributed (issue 27)."""
 
 import os
 import sys
 
+import jax
 import pytest
 import trainer_utils as tu
+
+from ddae_jax import cli
 
 _BAD_SCHEDULE = ("--config.epochs=1.004", "--config.optim.warmup_epochs=1")  # 23 and 23 steps
 _ONE_LINE = ("error: config.optim.warmup_epochs = 1.0 ({w} steps) is not shorter than "
@@ -34,3 +38,14 @@ def test_every_binary_ends_a_schedule_without_decay_steps_with_one_line(
   assert proc.stdout.rstrip().splitlines()[-1] == _ONE_LINE.format(w=steps, n=images)
   assert "Traceback" not in proc.stdout
   assert not (workdir / "config.json").exists()
+
+
+def test_the_heartbeat_timeout_goes_to_jax_and_an_older_jax_refuses_a_changed_one():
+  assert cli.heartbeat_option(jax.distributed.initialize, 10) == {
+      "heartbeat_timeout_seconds": 10}  # this jax (>= 0.7) takes it
+
+  def initialize_of_jax_0_6(coordinator_address=None, num_processes=None, process_id=None):
+    del coordinator_address, num_processes, process_id
+  assert cli.heartbeat_option(initialize_of_jax_0_6, 100) == {}  # its fixed value
+  with pytest.raises(SystemExit, match=r"--heartbeat_timeout=10 needs jax >= 0\.7"):
+    cli.heartbeat_option(initialize_of_jax_0_6, 10)

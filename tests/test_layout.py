@@ -23,7 +23,7 @@ LEVELS = (
     ("configs", ("ddae_jax.config_lib", "ddae_jax.config_checks", "ddae_jax.ablations")),
     ("loss math", ("ddae_jax.objectives",)),
     ("foundations", ("ddae_jax.models", "ddae_jax.data", "ddae_jax.sharding",
-                     "ddae_jax.metrics", "ddae_jax")),
+                     "ddae_jax.metrics", "ddae_jax.cluster", "ddae_jax")),
 )
 
 

@@ -3,8 +3,9 @@
 Resume order: this workdir's latest checkpoint, else a fresh state (whose
 encoder came from the pretraining run). A checkpoint holds the protocol's
 train state and every process's input position, so a resumed run sees the
-same augmented batches it would have seen. SIGTERM (or Orbax's preemption
-notice) saves and stops; rerunning the command resumes.
+same augmented batches it would have seen. A preemption (runtime.StopDecision:
+SIGTERM on one process, JAX's sync point on several, also polled between
+evaluation batches) saves and stops; rerunning the command resumes.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ def run(config, workdir, build, view) -> dict:
 
   def evaluate(state):
     _, batches = input_pipeline.eval_loader(config, config.data.eval_split, batch_spec)
-    return scoring.accumulate(lambda b: built.eval_step(state, b), batches)
+    return scoring.accumulate(lambda b: built.eval_step(state, b), batches,
+                              stop=runtime.stop_decision().poll)
 
   def make_loader(position):
     return pipeline.TrainLoader(
@@ -67,7 +69,8 @@ def fit(config, workdir, state, state_shardings, step_fn, evaluate_fn, make_load
     state: the fresh train state (a dict with "step"), on the mesh.
     state_shardings: its NamedSharding tree (the restore target).
     step_fn: jitted (state, batch) -> (state, metrics).
-    evaluate_fn: state -> {"top1", "top5", "loss", "count"} on the validation split.
+    evaluate_fn: state -> {"top1", "top5", "loss", "count"} on the validation split, or
+      None when a preemption stopped it (runtime.StopDecision).
     make_loader: records already consumed -> a TrainLoader.
     num_images: the train set's size, which epochs count (None:
       config.num_train_images); the config is not changed.
@@ -98,9 +101,11 @@ def fit(config, workdir, state, state_shardings, step_fn, evaluate_fn, make_load
 
   def evaluate(state, step, done):
     if step % eval_every == 0 or done:
-      results.clear()
-      results.update(evaluate_fn(state))
-      scoring.log_eval(writer, step, results)
+      scores = evaluate_fn(state)
+      if scores is not None:  # None: a preemption stopped it; the loop saves and stops
+        results.clear()
+        results.update(scores)
+        scoring.log_eval(writer, step, results)
 
   try:
     end = runtime.train_loop(
@@ -111,7 +116,10 @@ def fit(config, workdir, state, state_shardings, step_fn, evaluate_fn, make_load
     if end.preempted:
       return dict(results)
     if not results:  # resumed at the end: report the finished model again
-      results.update(evaluate_fn(end.state))
+      scores = evaluate_fn(end.state)
+      if scores is None:  # preempted: the rerun evaluates it
+        return {}
+      results.update(scores)
       scoring.log_eval(writer, end.step, results)
   finally:
     loader.close()

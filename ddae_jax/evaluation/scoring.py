@@ -31,12 +31,22 @@ def classification_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array) -
           "top5": (hit5 * m).sum(), "loss": (loss * m).sum(), "count": m.sum()}
 
 
-def accumulate(step_fn, batches) -> dict:
-  """Runs `step_fn(batch) -> sums` over all batches; returns top1, top5, loss (means), count."""
+def accumulate(step_fn, batches, stop=None) -> dict | None:
+  """Runs `step_fn(batch) -> sums` over all batches; returns top1, top5, loss (means), count.
+
+  Args:
+    stop: () -> bool, asked before each batch (runtime.StopDecision.poll, for
+      an evaluation inside a training loop); True abandons the pass.
+
+  Returns:
+    the scores, or None when `stop` abandoned the pass.
+  """
   # Summed on the host in float64: exact counts over any number of batches,
   # and no eager device op per batch beside the jitted step.
   totals = None
   for batch in batches:
+    if stop is not None and stop():
+      return None
     sums = {k: np.float64(v) for k, v in jax.device_get(step_fn(batch)).items()}
     totals = sums if totals is None else {k: totals[k] + sums[k] for k in totals}
   totals = {k: float(v) for k, v in totals.items()}

@@ -15,10 +15,9 @@ import contextlib
 import logging
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
-from jax.experimental import multihost_utils
 
+from ddae_jax import cluster
 from ddae_jax.weights.shapes import shapes_of
 
 # The items of every checkpoint written or read here: the train state's arrays
@@ -40,6 +39,23 @@ class StateMismatch(ValueError):
   """A checkpoint's state tree differs from the one the config builds."""
 
 
+class _Manager(ocp.CheckpointManager):
+  """Orbax's CheckpointManager, except that it never asks JAX about preemption.
+
+  Whether the run stops is runtime.StopDecision's question, asked once per
+  poll with its own counter. JAX's sync manager keeps only the last value it
+  was given (`call_counter_ = step`) and stops where that equals the agreed
+  point (`==`); Orbax asks it too, with train steps, from `should_save`,
+  `save` and the thread that finalizes an async save (an older step). Such a
+  call just before a notice would make the processes agree on a point the
+  loop has already passed, and the run would never stop.
+  """
+
+  def reached_preemption(self, step: int) -> bool:
+    del step
+    return False
+
+
 def open_manager(directory, read_only: bool = False, **options) -> ocp.CheckpointManager:
   """A CheckpointManager over `directory` with the (STATE, DATA) items.
 
@@ -51,7 +67,7 @@ def open_manager(directory, read_only: bool = False, **options) -> ocp.Checkpoin
   """
   if read_only:
     options.update(create=False, read_only=True)
-  return ocp.CheckpointManager(
+  return _Manager(
       directory, options=ocp.CheckpointManagerOptions(**options),
       item_handlers={STATE: ocp.StandardCheckpointHandler(), DATA: ocp.JsonCheckpointHandler()})
 
@@ -134,18 +150,19 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def should_save(self, step: int) -> bool:
-    """Whether `step` is on the save interval (preemption is `preempted`'s job)."""
+    """Whether `step` is on the save interval (preemption is runtime.StopDecision's job)."""
     return self.manager.should_save(step)
 
-  def preempted(self, step: int) -> bool:
-    """Whether the cluster announced a preemption (a sync point on multi-host runs)."""
-    return self.manager.reached_preemption(step)
-
   def save(self, step: int, state, data_position: int, force: bool = False) -> bool:
-    """Starts an async save of `state` at `step`; every process must call it."""
-    positions = multihost_utils.process_allgather(np.asarray(data_position, np.int64))
-    return self.manager.save(step, args=save_args(state, np.atleast_1d(positions).tolist()),
-                             force=force)
+    """Starts an async save of `state` at `step`; every process must call it.
+
+    The input positions are exchanged through the coordination service with
+    a deadline (cluster.allgather_int), not a device collective that would
+    wait forever for a process that is not saving.
+    """
+    positions = cluster.allgather_int(cluster.unique_name(f"checkpoint_positions/{step}"),
+                                      data_position)
+    return self.manager.save(step, args=save_args(state, positions), force=force)
 
   def restore(self, step: int, abstract_state):
     """(state, this process's data position) of checkpoint `step`.
@@ -221,7 +238,7 @@ class Checkpointer:
           n += 1
           dest = target / f"{step}.{n}"
         _move_tree(epath.Path(self.directory) / str(step), dest)
-    multihost_utils.sync_global_devices("checkpoints_set_aside")
+    cluster.barrier(cluster.unique_name("checkpoints_set_aside"))
     self.manager.close()
     self.manager = open_manager(self.directory, **self._options)
 
