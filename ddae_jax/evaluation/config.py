@@ -81,6 +81,7 @@ def _common(protocol: str, size: str) -> ml_collections.ConfigDict:
 
 def _training(c, epochs, warmup):
   c.epochs = epochs
+  c.num_steps = 0                 # > 0: exactly this many steps whatever the dataset (:smoke)
   c.log_every_steps = 100
   c.steps_in_flight = 2           # steps dispatched ahead of the devices (see config_lib)
   c.eval_every_epochs = 10.0
@@ -166,11 +167,15 @@ def quickstart(c) -> ml_collections.ConfigDict:
 
 
 def _smoke(c):
-  """A few steps at a small batch: checks a machine and a dataset, not accuracy."""
+  """One step at a small batch: checks a machine and a dataset, not accuracy.
+
+  A fixed step count, as pretraining's :smoke, so that any dataset size gives
+  a schedule with a step (epochs would round to none on a small one).
+  """
   c.batch_size = c.eval_batch_size = 16
   if c.protocol != "knn":
-    c.epochs = 0.02
-    c.optim.warmup_epochs = 0.01
+    c.num_steps = 1
+    c.optim.warmup_epochs = 0.0
     c.log_every_steps = 1
 
 

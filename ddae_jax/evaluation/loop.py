@@ -42,6 +42,8 @@ def run(config, workdir, build, view) -> dict:
   source = sources.make_source(config.data, config.model.image_size, config.seed, local_batch,
                                jax.process_index(), jax.process_count(),
                                split=config.data.train_split)
+  # Before the encoder is restored (minutes for a large one from gs://).
+  config_lib.check_steps(config, source.num_examples)
   built = build(config, num_train_images=source.num_examples)
   batch_spec = built.batch_sharding
 
