@@ -93,24 +93,33 @@ def restore_args(abstract_state, data: bool = True) -> ocp.args.Composite:
   return ocp.args.Composite(**items)
 
 
+# How long a closing loop waits for the reads still in flight before it cancels them.
+_DRAIN_TIMEOUT_S = 120.0
+
+
 class _LoopThatEndsItsTasks(asyncio.SelectorEventLoop):
-  """An event loop that cancels and awaits its unfinished tasks before it closes.
+  """An event loop that lets its unfinished tasks finish before it closes.
 
   Orbax (from 0.12.5) runs a restore as `loop.run_until_complete(...)` then
   `loop.close()` on a fresh loop. When one array's read fails, the gather of
   all reads raises at once and the loop is closed with the other reads still
   pending in TensorStore; each of those later calls `call_soon_threadsafe` on
   the closed loop ("RuntimeError: Event loop is closed", a traceback per read).
-  Cancelling an asyncio task cancels the TensorStore future it awaits, so
-  after this close no read of the failed attempt is left running.
+  Here the reads already in flight complete first (their results and errors
+  are collected and dropped: the attempt has failed), so no TensorStore
+  callback is left to reach a closed loop. Cancelling them instead (what
+  `asyncio.run` does) races: a read completing in TensorStore's thread at
+  that moment still posts to the loop after it closed (seen once in about ten
+  runs). Only what is still running after _DRAIN_TIMEOUT_S is cancelled.
   """
 
   def close(self):
     if not self.is_closed() and not self.is_running():
       pending = [t for t in asyncio.all_tasks(self) if not t.done()]
-      for task in pending:
-        task.cancel()
       if pending:
+        _, late = self.run_until_complete(asyncio.wait(pending, timeout=_DRAIN_TIMEOUT_S))
+        for task in late:
+          task.cancel()
         self.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
     super().close()
 
@@ -123,7 +132,7 @@ class _PolicyOfLoopsThatEndTheirTasks(asyncio.DefaultEventLoopPolicy):
 
 @contextlib.contextmanager
 def no_io_outlives_a_failed_read():
-  """Within it, every new event loop ends its pending tasks when closed (see above).
+  """Within it, every new event loop lets its pending tasks finish when closed (see above).
 
   The policy is process-wide while it holds; a restore runs before any save of
   the run starts, and the loops it gives other threads behave as usual when
