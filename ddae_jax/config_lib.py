@@ -27,9 +27,9 @@ METHODS = ("ddae", "beitv2")
 EMA_SCHEDULES = ("bootmae", "linear")
 NORM_PIX_STATS = ("per_channel", "per_patch")
 DTYPES = ("float32", "bfloat16", "float16")
-ATTENTION_IMPLS = ("auto", "", "xla", "cudnn", "pallas")
-# The Pallas kernel needs the step's mesh (attention.kernel_mesh): pretraining only.
-EVAL_ATTENTION_IMPLS = tuple(i for i in ATTENTION_IMPLS if i != "pallas")
+ATTENTION_IMPLS = ("auto", "", "xla", "cudnn", "pallas", "pallas_short")
+# The Pallas kernels need the step's mesh (attention.kernel_mesh): pretraining only.
+EVAL_ATTENTION_IMPLS = tuple(i for i in ATTENTION_IMPLS if not i.startswith("pallas"))
 IMAGENET_TRAIN_IMAGES = 1_281_167
 
 

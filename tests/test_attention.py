@@ -63,14 +63,6 @@ def _all_eqns(jaxpr):
         yield from _all_eqns(inner)
 
 
-@pytest.fixture
-def interpreted_kernels(monkeypatch):
-  """Runs the TPU flash-attention kernel with Pallas's interpreter on the CPU."""
-  from jax.experimental import pallas as pl
-  from jax.experimental.pallas.ops.tpu import flash_attention as fa
-  monkeypatch.setattr(fa.pl, "pallas_call", functools.partial(pl.pallas_call, interpret=True))
-
-
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_flash_path_pads_and_masks_to_plain_attention(interpreted_kernels, with_bias):
   """197 tokens (the decoders' length) padded to 256; padded keys never get weight."""

@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from ddae_jax.models import short_attention
+
 FLASH_MIN_TOKENS = 128
 FLASH_BLOCK = 128  # the kernel's tile along both sequence axes
 
@@ -88,17 +90,36 @@ def _flash(q, k, v, bias):
   return jnp.swapaxes(out[:, :, :t], 1, 2)
 
 
-def _sharded_flash(q, k, v, bias):
+def _per_device(kernel, arrays, bias):
+  """`kernel(*arrays, bias)` on each device's share of the batch under the traced step's
+  mesh (kernel_mesh), or as is outside one."""
   if not _KERNEL_MESH:
-    return _flash(q, k, v, bias)  # one device
+    return kernel(*arrays, bias)  # one device
   mesh, axes = _KERNEL_MESH[-1]
   split = P(axes)
   if bias is None:
-    return jax.shard_map(lambda q, k, v: _flash(q, k, v, None), mesh=mesh,
-                         in_specs=(split,) * 3, out_specs=split, check_vma=False)(q, k, v)
+    return jax.shard_map(lambda *a: kernel(*a, None), mesh=mesh,
+                         in_specs=(split,) * len(arrays), out_specs=split,
+                         check_vma=False)(*arrays)
+  # A shared bias is replicated; shard_map's transpose sums its per-device gradients.
   bias_spec = P() if bias.shape[0] == 1 else split
-  return jax.shard_map(_flash, mesh=mesh, in_specs=(split,) * 3 + (bias_spec,),
-                       out_specs=split, check_vma=False)(q, k, v, bias)
+  return jax.shard_map(kernel, mesh=mesh, in_specs=(split,) * len(arrays) + (bias_spec,),
+                       out_specs=split, check_vma=False)(*arrays, bias)
+
+
+def attend_qkv(qkv, heads: int, bias=None, impl: str | None = "xla"):
+  """attend() on timm's fused qkv projection, [B, T, 3 x heads x d] ([q | k | v]).
+
+  "pallas_short" reads the projection as it is and returns [B, T, heads x d] (the
+  layout the output projection takes); the others split it into q, k and v first.
+  """
+  b, t, width = qkv.shape
+  if impl == "pallas_short" and t <= short_attention.MAX_TOKENS:
+    bias = None if bias is None else bias.astype(qkv.dtype)  # the "xla" path's rounding
+    return _per_device(lambda qkv, bias: short_attention.attention_qkv(qkv, bias, heads),
+                       (qkv,), bias)
+  q, k, v = jnp.moveaxis(qkv.reshape(b, t, 3, heads, width // (3 * heads)), 2, 0)
+  return attend(q, k, v, bias, impl).reshape(b, t, width // 3)
 
 
 def attend(q, k, v, bias=None, impl: str | None = "xla"):
@@ -107,14 +128,19 @@ def attend(q, k, v, bias=None, impl: str | None = "xla"):
   Args:
     q, k, v: [B, T, heads, head_dim], the compute dtype.
     bias: None or logits added before the softmax, [B or 1, heads, T, T].
-    impl: "xla", "" / None, "cudnn" or "pallas" (module docstring).
+    impl: "xla", "" / None, "cudnn", "pallas" or "pallas_short" (module docstring).
 
   Returns:
     [B, T, heads, head_dim].
   """
+  if impl == "pallas_short":
+    if q.shape[1] <= short_attention.MAX_TOKENS:
+      bias = None if bias is None else bias.astype(q.dtype)  # the "xla" path's rounding
+      return _per_device(short_attention.short_attention, (q, k, v), bias)
+    impl = "xla"
   if impl == "pallas":
     if q.shape[1] >= FLASH_MIN_TOKENS:
-      return _sharded_flash(q, k, v, bias)
+      return _per_device(_flash, (q, k, v), bias)
     impl = "xla"
   if impl == "xla":
     return _xla(q, k, v, bias)
