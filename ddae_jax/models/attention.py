@@ -30,6 +30,7 @@ decoders 1 + 196; a 50-token sequence would be padded 2.6x to fill one tile.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +40,42 @@ from ddae_jax.models import short_attention
 
 FLASH_MIN_TOKENS = 128
 FLASH_BLOCK = 128  # the kernel's tile along both sequence axes
+
+# What cuDNN's fused attention takes in 16-bit: jax's check_layout and
+# check_is_flash_attention (jax/_src/cudnn/fused_attention_stablehlo.py, the same in
+# jax 0.10.2, 0.11.0 and 0.11.1). Head dimensions up to 256 pass on Hopper and later;
+# 128 passes on every GPU.
+CUDNN_DTYPES = ("bfloat16", "float16")
+CUDNN_MAX_HEAD_DIM = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class Call:
+  """One attention call of a step, as far as an implementation may refuse it."""
+  tokens: int       # sequence length (queries = keys)
+  head_dim: int
+  bias: bool        # an additive bias on the logits
+  trained: bool     # differentiated: its backward pass runs
+
+
+def refusal(impl: str | None, call: Call, dtype: str) -> str | None:
+  """Why `impl` cannot run `call` in `dtype` ("bfloat16", ...), or None when it can.
+
+  Only cuDNN refuses shapes; the Pallas options fall back to "xla" outside their
+  lengths (FLASH_MIN_TOKENS, short_attention.MAX_TOKENS), and XLA takes anything.
+  """
+  if impl != "cudnn":
+    return None
+  if dtype not in CUDNN_DTYPES:
+    return f"cuDNN's fused attention takes {CUDNN_DTYPES}, not {dtype}"
+  if call.head_dim % 8 or call.head_dim > CUDNN_MAX_HEAD_DIM:
+    return (f"cuDNN takes head dimensions that are multiples of 8 up to "
+            f"{CUDNN_MAX_HEAD_DIM}, not {call.head_dim}")
+  if call.bias and call.trained and call.tokens % 2:
+    return (f"jax refuses cuDNN attention with a bias in training at an odd sequence "
+            f"length (Q {call.tokens}, KV {call.tokens})")
+  return None
+
 
 # (mesh, batch axes) of the step being traced: XLA cannot partition a Mosaic
 # kernel, so the flash path runs it per device under shard_map.

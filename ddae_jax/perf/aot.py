@@ -25,7 +25,7 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from ddae_jax import config_lib, runtime, sharding
+from ddae_jax import config_attention, config_lib, runtime, sharding
 from ddae_jax import train_step as ts
 from ddae_jax.evaluation import finetune, loop
 from ddae_jax.models.vit import VIT_SIZES, Block
@@ -137,12 +137,12 @@ def slice_devices(s: Slice) -> list:
 def lower_step(config, binary: str, devices):
   """(The run's jitted step lowered for `devices` with abstract state and batch, the mesh).
 
-  The model's attention follows the target platform (config_lib.attention_impl),
+  The model's attention follows the target platform (config_attention.attention_impl),
   not the host's.
   """
   platform = devices[0].platform
   with config.unlocked():
-    config.model.attention_impl = config_lib.attention_impl(config.model, platform) or ""
+    config.model.attention_impl = config_attention.attention_impl(config, platform) or ""
   size, batch = config.model.image_size, config.batch_size
   if binary == "finetune":
     with config.unlocked():
