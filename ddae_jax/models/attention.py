@@ -1,8 +1,9 @@
 """Scaled dot-product attention, one function for every implementation the model offers.
 
 `attend(q, k, v, bias, impl)` takes timm's [B, T, heads, head_dim] layout and
-dispatches on `impl` (config_lib.attention_impl resolves model.attention_impl
-for the target platform):
+dispatches on `impl` (config_attention.attention_impl resolves model.attention_impl
+for the target platform and the run's shapes; `refusal` says what cuDNN refuses);
+`attend_qkv(qkv, heads, bias, impl)` takes the fused qkv projection the model makes:
 
   "xla"     XLA, written out: the logits leave the q k^T product in the compute
             dtype, the softmax runs in float32 and the probabilities go back to
@@ -14,17 +15,27 @@ for the target platform):
             float32 logits (BENCHMARKS.md). In float32 it is plain attention.
   "" / None jax.nn.dot_product_attention's XLA path: float32 logits and softmax.
   "cudnn"   cuDNN's fused kernel (GPUs, 16-bit dtypes).
+  "pallas_short"  TPU, pretraining only: models/short_attention.py's kernels for
+            sequences of at most short_attention.MAX_TOKENS, "xla" for longer
+            ones. One kernel per pass holds a head's whole [T, T] block on the
+            chip, reads timm's fused qkv as it is and writes only the output
+            (the backward: d qkv); the TPU compiler counts 37-51% fewer bytes
+            per block than "xla" for DDAE ViT-B (BENCHMARKS.md), and "auto"
+            picks it on TPUs. Same precision as "xla", bar the logits, which
+            stay float32.
   "pallas"  TPU, pretraining only: the Pallas flash-attention kernel
             (jax.experimental.pallas.ops.tpu.flash_attention) for sequences of
             at least FLASH_MIN_TOKENS, "xla" for shorter ones. The kernel never
             writes the [T, T] logits to HBM, but it pads T to its 128-token
             tiles and keeps float32 softmax statistics broadcast over 128 lanes
             for the backward pass; the TPU compiler counts more bytes for it
-            than for "xla" on DDAE and MAE (BENCHMARKS.md), so "auto" does not
-            pick it. Padded keys are masked out with segment ids.
+            than for "xla" on DDAE and MAE (BENCHMARKS.md). Padded keys are
+            masked out with segment ids.
 
 Why the threshold: DDAE's encoder sees 1 + 49 tokens, its momentum encoder and
 decoders 1 + 196; a 50-token sequence would be padded 2.6x to fill one tile.
+The Pallas kernels run per device under shard_map over the step's batch axes
+(kernel_mesh): XLA cannot partition a Mosaic call.
 """
 
 from __future__ import annotations

@@ -88,7 +88,7 @@ class Attention(nn.Module):
   """Multi-head self-attention with timm's fused qkv layout ([q | k | v], heads inside)."""
   num_heads: int
   dtype: Any = jnp.float32
-  attention_impl: str | None = None  # attend()'s impl: "xla", None (jax's), "cudnn", "pallas"
+  attention_impl: str | None = None  # attend()'s impl: "xla", None (jax's), "cudnn", "pallas*"
   # Computes the softmax explicitly and sows it as intermediates/attention
   # [B, heads, T, T] (float32) for analysis; the fused kernel never forms it.
   capture_attention: bool = False
