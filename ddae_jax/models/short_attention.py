@@ -4,31 +4,34 @@ At the lengths DDAE runs (the encoder's 1 + 49 tokens, the momentum encoder's an
 decoders' 1 + 196) a head's whole [T, T] block of logits fits in a TPU core's vector
 memory (256 x 256 float32 is 256 KB), so the forward kernel computes q k^T, the softmax
 and the product with v in one pass and writes only the output, and the backward kernel
-recomputes the probabilities from q, k and v instead of reading [T, T] tensors back.
+recomputes the probabilities from q and k instead of reading [T, T] tensors back.
 XLA's path (attention.py, "xla") writes the logits, the probabilities and their
 gradients to HBM between its products.
 
-Layout: q, k and v arrive as timm's [B, T, heads, head_dim] and are read as [B, T, heads
-x head_dim] (a free reshape, no transpose), a block holding `heads_per_block` heads so
-that it spans a multiple of 128 lanes (2 heads of 64, 4 of 32; all heads when the width
-is below 128). The grid runs over (head groups, batch). Each head's logits are [T, T]
-with the keys on the lanes; Mosaic pads T internally to its (8, 128) tiles and the
-kernel masks nothing in HBM, because the arrays are not padded there.
+Layout: the kernels read timm's fused qkv projection as it is, [B, T, 3 x heads x d]
+([q | k | v], the heads inside each), and write [B, T, heads x d], the layout the output
+projection reads (the backward: d qkv in the projection's layout). A grid step holds
+whole images (images_per_step of them) with all their heads, so a block spans every
+lane of the projection and no transpose of q, k or v reaches HBM; inside, each head is
+a static lane slice. A head's logits are [T, T] with the keys on the lanes; Mosaic pads
+T to its (8, 128) tiles on the chip, and nothing is padded in HBM, so nothing is masked.
 
-Precision: the products take the inputs' dtype and accumulate in float32; the softmax
-runs in float32; the probabilities (and, in the backward, the logits' gradient) return
-to the inputs' dtype before their products, as in jax's flash kernels. In float32 all
-of it is float32.
+Precision: the products take the inputs' dtype and accumulate in float32; the logits and
+the softmax are float32; the probabilities (and, in the backward, the logits' gradient)
+return to the inputs' dtype before their products, as in jax's flash kernels; the output
+is divided by the row sums after the product with v. In float32 all of it is float32.
 
-The backward recomputes the row maximum and sum as the forward did (no statistics are
-saved: a [B, heads, T] float32 array would cost little, but only a third of the
-recomputation), and takes the softmax's row term sum_j p_ij dp_ij from p and dp on the
-chip rather than reading the output back (sum_j p_ij dp_ij = do_i . o_i).
+The backward saves no row statistics: it recomputes the row maximum and sum as the
+forward did (two [T, T] reductions on the chip against a [B, heads, T] float32 array
+written and read), and takes the softmax's row term sum_j p_ij dp_ij from p and dp
+rather than reading the output back (it equals do_i . o_i). Its residuals are qkv and
+the bias.
 
 `bias` (BEiT-v2's relative position bias, shared: [1, heads, T, T], or per image [B,
-heads, T, T]) is added to the scaled logits; its gradient is accumulated over the batch
-on the chip when shared. Each kernel declares its FLOPs, exponentials and bytes to the
-compiler (pl.CostEstimate), so `python -m ddae_jax.aot` counts them.
+heads, T, T]) is added to the scaled logits; a shared bias is fetched once per call and
+its gradient summed over the batch on the chip in float32. Each kernel declares its
+FLOPs, exponentials and bytes to the compiler (pl.CostEstimate), so `python -m
+ddae_jax.aot` counts them.
 """
 
 from __future__ import annotations
@@ -55,7 +58,8 @@ def check_shapes(qkv_shape, heads: int, bias_shape=None) -> None:
     raise ValueError(f"model.attention_impl='pallas_short' takes sequences of at most "
                      f"{MAX_TOKENS} tokens, got {t}")
   if width % (3 * heads):
-    raise ValueError(f"pallas_short: qkv's last axis {width} is not 3 x heads ({heads}) x d")
+    raise ValueError(f"model.attention_impl='pallas_short': qkv's last axis {width} is not "
+                     f"3 x heads ({heads}) x head_dim")
   if bias_shape is not None and (len(bias_shape) != 4 or tuple(bias_shape[1:]) != (heads, t, t)):
     raise ValueError(f"model.attention_impl='pallas_short': bias must be [B or 1, {heads}, "
                      f"{t}, {t}], got {list(bias_shape)}")
