@@ -163,7 +163,9 @@ def _blocks(shape, bias_shape):
 
 def _compiler_params(accumulate: bool):
   # The batch axis accumulates a shared bias's gradient: it runs in order then.
-  return pltpu.CompilerParams(dimension_semantics=("arbitrary" if accumulate else "parallel",))
+  # (jax < 0.6.2 names the class TPUCompilerParams.)
+  params = getattr(pltpu, "CompilerParams", None) or pltpu.TPUCompilerParams
+  return params(dimension_semantics=("arbitrary" if accumulate else "parallel",))
 
 
 def _nbytes(*arrays) -> int:
