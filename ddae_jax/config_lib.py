@@ -14,7 +14,6 @@ import dataclasses
 import re
 import types
 
-import jax
 import ml_collections
 import numpy as np
 
@@ -27,9 +26,9 @@ METHODS = ("ddae", "beitv2")
 EMA_SCHEDULES = ("bootmae", "linear")
 NORM_PIX_STATS = ("per_channel", "per_patch")
 DTYPES = ("float32", "bfloat16", "float16")
-ATTENTION_IMPLS = ("auto", "", "xla", "cudnn", "pallas")
-# The Pallas kernel needs the step's mesh (attention.kernel_mesh): pretraining only.
-EVAL_ATTENTION_IMPLS = tuple(i for i in ATTENTION_IMPLS if i != "pallas")
+ATTENTION_IMPLS = ("auto", "", "xla", "cudnn", "pallas", "pallas_short")
+# The Pallas kernels need the step's mesh (attention.kernel_mesh): pretraining only.
+EVAL_ATTENTION_IMPLS = tuple(i for i in ATTENTION_IMPLS if not i.startswith("pallas"))
 IMAGENET_TRAIN_IMAGES = 1_281_167
 
 
@@ -59,8 +58,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.patch_size = 16
   c.model.image_size = 224
   c.model.dtype = "bfloat16"       # compute dtype; parameters stay float32
-  # "auto": per platform (attention_impl()); "xla" (logits in the compute dtype, softmax in
-  # float32), "" (jax.nn.dot_product_attention, float32 logits), "cudnn" or "pallas" force one.
+  # "auto": per platform and shapes (config_attention.py); "xla" (logits in the compute
+  # dtype, softmax in float32), "" (jax.nn.dot_product_attention, float32 logits), "cudnn",
+  # "pallas" (flash) or "pallas_short" (models/short_attention.py) force one.
   c.model.attention_impl = "auto"
   c.model.remat = False            # recompute blocks in the backward pass
   # f^(g_i) = LayerNorm(block g_i output): its own per block, or the final one.
@@ -277,26 +277,6 @@ def encoder_dims(config) -> tuple[int, int, int]:
   return VIT_SIZES[config.model.size]
 
 
-def attention_impl(model_config, platform: str | None = None) -> str | None:
-  """models.attention.attend's `impl` for model.attention_impl.
-
-  "auto" follows the platform the step compiles for (default: jax's default
-  backend): cuDNN's fused kernel on GPUs in 16-bit dtypes (it has no float32
-  path), "xla" elsewhere (logits in the compute dtype, softmax in float32).
-  cuDNN does not lower for TPUs; the Pallas flash kernel ("pallas") lowers,
-  but the TPU compiler counts more bytes for it than for "xla" on DDAE and MAE
-  ViT-B (BENCHMARKS.md), so "auto" leaves it to be asked for.
-  "" is jax.nn.dot_product_attention's own XLA path (float32 logits).
-  """
-  impl = model_config.attention_impl
-  if impl != "auto":
-    return impl or None
-  platform = platform or jax.default_backend()
-  if platform in ("gpu", "cuda") and model_config.dtype in ("bfloat16", "float16"):
-    return "cudnn"
-  return "xla"
-
-
 def grid_size(config) -> tuple[int, int]:
   n = config.model.image_size // config.model.patch_size
   return (n, n)
@@ -437,7 +417,9 @@ class Derived:
 
 
 def resolve(config, platform: str | None = None) -> Derived:
-  """The derived values of a (validated) pretraining config; `platform` as attention_impl."""
+  """The derived values of a (validated) pretraining config; `platform` as
+  config_attention.attention_impl."""
+  from ddae_jax import config_attention  # imports this module
   width, depth, heads = encoder_dims(config)
   grid = grid_size(config)
   names = ("mim",) if config.get("method", "ddae") == "beitv2" else ("pixel", "distill")
@@ -448,7 +430,7 @@ def resolve(config, platform: str | None = None) -> Derived:
       branches={n: Supervision(*branch_supervision(config, n)) for n in names},
       beta_branches=beta_branches(config),
       beta_init=tuple(float(b) for b in beta_init(config)),
-      attention_impl=attention_impl(config.model, platform))
+      attention_impl=config_attention.attention_impl(config, platform))
 
 
 # ----------------------------------------------------------------------- checks

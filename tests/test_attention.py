@@ -1,5 +1,6 @@
 """models/attention.py against jax.nn.dot_product_attention: the XLA path's numbers and
-precision, and the Pallas flash path (run by Pallas's interpreter on the CPU)."""
+precision, the Pallas flash path and the short-sequence kernels under the step's mesh (run
+by Pallas's interpreter on the CPU), the fused-qkv entry."""
 
 import functools
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from ddae_jax.models import attention
+from ddae_jax.models import attention, short_attention
 
 
 def _qkv(t, b=2, h=3, d=16, dtype=jnp.float32, seed=0):
@@ -63,14 +64,6 @@ def _all_eqns(jaxpr):
         yield from _all_eqns(inner)
 
 
-@pytest.fixture
-def interpreted_kernels(monkeypatch):
-  """Runs the TPU flash-attention kernel with Pallas's interpreter on the CPU."""
-  from jax.experimental import pallas as pl
-  from jax.experimental.pallas.ops.tpu import flash_attention as fa
-  monkeypatch.setattr(fa.pl, "pallas_call", functools.partial(pl.pallas_call, interpret=True))
-
-
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_flash_path_pads_and_masks_to_plain_attention(interpreted_kernels, with_bias):
   """197 tokens (the decoders' length) padded to 256; padded keys never get weight."""
@@ -103,3 +96,43 @@ def test_flash_path_runs_per_device_under_the_step_mesh(interpreted_kernels):
   short = _qkv(attention.FLASH_MIN_TOKENS - 1)
   np.testing.assert_allclose(attention.attend(*short[:3], None, "pallas"),
                              attention.attend(*short[:3], None, "xla"), atol=0)
+
+
+def test_short_kernel_runs_per_device_and_sums_the_shared_bias_gradient(interpreted_kernels):
+  """"pallas_short" inside kernel_mesh: the kernels run under shard_map over the batch axes,
+  each device sums its images' share of a shared bias's gradient and shard_map's transpose
+  sums the devices' shares: values and all four gradients equal jax's attention."""
+  mesh = Mesh(np.asarray(jax.devices()[:4]).reshape(2, 2), ("data", "fsdp"))
+  q, k, v, bias = _qkv(50, b=8, h=2, d=32)
+  sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+  q, k, v = (jax.device_put(x, sharded) for x in (q, k, v))
+
+  def loss(attend, q, k, v, bias):
+    return jnp.sum(attend(q, k, v, bias) * jnp.arange(32.0))
+
+  def ours(q, k, v, bias):
+    with attention.kernel_mesh(mesh, ("data", "fsdp")):
+      return attention.attend(q, k, v, bias, "pallas_short")
+
+  assert "sdy.manual_computation" in jax.jit(ours).lower(q, k, v, bias).as_text()
+  np.testing.assert_allclose(jax.jit(ours)(q, k, v, bias), _reference(q, k, v, bias), atol=2e-6)
+  grads = [jax.jit(jax.grad(functools.partial(loss, f), argnums=(0, 1, 2, 3)))(q, k, v, bias)
+           for f in (ours, _reference)]
+  for a, b in zip(*grads, strict=True):
+    np.testing.assert_allclose(a, b, atol=2e-5 * float(jnp.abs(b).max()))
+
+
+@pytest.mark.parametrize("impl", ["xla", "", "pallas_short"])
+def test_attend_qkv_reads_timms_fused_projection(interpreted_kernels, impl):
+  """attend_qkv on [B, T, 3 x heads x d] ([q | k | v], heads inside each) equals attend on
+  the split heads; "pallas_short" beyond short_attention.MAX_TOKENS takes the XLA path."""
+  b, h, d = 2, 3, 16
+  for t in (50, short_attention.MAX_TOKENS + 1):
+    qkv = jax.random.normal(jax.random.key(t), (b, t, 3 * h * d))
+    q, k, v = jnp.moveaxis(qkv.reshape(b, t, 3, h, d), 2, 0)
+    if impl == "pallas_short" and t > short_attention.MAX_TOKENS:
+      expected = attention.attend(q, k, v, None, "xla")
+    else:
+      expected = _reference(q, k, v)
+    np.testing.assert_allclose(attention.attend_qkv(qkv, h, None, impl),
+                               expected.reshape(b, t, h * d), atol=2e-6)

@@ -1,21 +1,13 @@
-"""Every config and variant loads; bad values fail early and name the field; the attention
-implementation follows the platform."""
+"""Every config and variant loads; bad values fail early and name the field."""
 
-import glob
 import os
-import runpy
 
 import pytest
+from config_files import config_variants, load
 from repo_paths import REPO
 
 from ddae_jax import config_lib
 from ddae_jax import train_step as ts
-
-CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
-
-
-def load(path, arg=""):
-  return runpy.run_path(path)["get_config"](arg)
 
 
 def _check_pretraining(config):
@@ -31,13 +23,8 @@ def _config_cases():
   ones) and a `check(config)` that validates a loaded config (default:
   the pretraining validation).
   """
-  for path in CONFIGS:
-    module = runpy.run_path(path)
-    check = module.get("check", _check_pretraining)
-    for variant in ("", *module.get("VARIANTS", config_lib.VARIANTS)):
-      yield pytest.param(path, variant, check,
-                         id=f"{os.path.basename(path)}:{variant}" if variant
-                         else os.path.basename(path))
+  for path, variant, module, name in config_variants():
+    yield pytest.param(path, variant, module.get("check", _check_pretraining), id=name)
 
 
 @pytest.mark.parametrize("path,variant,check", list(_config_cases()))
@@ -123,28 +110,6 @@ def test_bad_config_fails_before_any_compute(monkeypatch):
 def test_unknown_variant_is_named():
   with pytest.raises(config_lib.ConfigError, match="'ep900'.*allowed"):
     load(os.path.join(REPO, "configs", "vitb.py"), "ep900")
-
-
-def test_attention_auto_follows_the_target_platform():
-  """The default compiles everywhere: cuDNN only on GPUs in 16-bit, XLA elsewhere."""
-  from ddae_jax import config_lib
-  from ddae_jax.evaluation import config as eval_config
-  c = config_lib.base_config()
-  assert c.model.attention_impl == "auto" and c.model.dtype == "bfloat16"
-  assert eval_config.finetune_config("base").model.attention_impl == "auto"
-  assert [config_lib.attention_impl(c.model, p) for p in ("tpu", "cpu", "gpu", "cuda")] == [
-      "xla", "xla", "cudnn", "cudnn"]
-  assert config_lib.attention_impl(c.model) == "xla"  # these tests run on CPUs
-  c.model.dtype = "float32"
-  assert config_lib.attention_impl(c.model, "gpu") == "xla"  # cuDNN has no float32 kernel
-  for forced, impl in (("", None), ("xla", "xla"), ("cudnn", "cudnn"), ("pallas", "pallas")):
-    c.model.attention_impl = forced
-    assert config_lib.attention_impl(c.model, "tpu") == impl
-  # The Pallas kernel runs under the pretraining step's mesh only.
-  e = eval_config.finetune_config("base")
-  e.model.attention_impl = "pallas"
-  with pytest.raises(config_lib.ConfigError, match="model.attention_impl"):
-    eval_config.check(e)
 
 
 @pytest.mark.parametrize("builder", ["pretraining", "finetune", "linear_probe"])

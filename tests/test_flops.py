@@ -71,6 +71,8 @@ def test_block_bytes_at_the_fusion_floor_by_hand():
   assert flops.block_bytes(2, 4, 2, weight_share=1) == 160 + 64 + 208 + 208 + 96
   # Sharing the weights over more images only removes weight traffic.
   assert flops.block_bytes(2, 4, 2, weight_share=2) == 736 - (48 + 16 + 64 + 64) * 2 / 2
+  # Attention fused into one kernel: the [heads, T, T] logits are neither written nor read.
+  assert flops.block_bytes(2, 4, 2, weight_share=1, fused_attention=True) == 736 - 2 * 16
 
 
 def test_floor_counts_the_models_parameters_in_the_optimizer_term():

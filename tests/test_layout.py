@@ -20,15 +20,17 @@ LEVELS = (
     ("methods", ("ddae_jax.methods",)),
     ("training parts", ("ddae_jax.optim", "ddae_jax.runtime")),
     ("formats", ("ddae_jax.weights", "ddae_jax.perf.flops", "ddae_jax.perf")),
-    ("configs", ("ddae_jax.config_lib", "ddae_jax.config_checks", "ddae_jax.ablations")),
+    ("configs", ("ddae_jax.config_lib", "ddae_jax.config_checks", "ddae_jax.ablations",
+                 "ddae_jax.config_attention")),
     ("loss math", ("ddae_jax.objectives",)),
     ("foundations", ("ddae_jax.models", "ddae_jax.data", "ddae_jax.sharding",
                      "ddae_jax.metrics", "ddae_jax.cluster", "ddae_jax")),
 )
 
 
-# config_lib, config_checks and ablations are one config split in three (fields and
-# checks, type and resume checks, the paper's rows); they import each other lazily.
+# config_lib, config_checks, ablations and config_attention are one config split in four
+# (fields and checks, type and resume checks, the paper's rows, the attention choice);
+# they import each other lazily.
 SIDEWAYS = ("configs",)
 
 

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from ddae_jax import config_lib, sharding
+from ddae_jax import config_attention, config_lib, sharding
 from ddae_jax.models.vit import VIT_SIZES, ViTEncoder, sincos_pos_embed
 from ddae_jax.weights import checkpoints, pretrained, torch_vit
 
@@ -94,7 +94,7 @@ def classifier_from_config(config, num_classes: int | None = None) -> ViTClassif
       patch_size=m.patch_size, width=width, depth=depth, num_heads=heads,
       num_classes=num_classes or m.num_classes, pooling=m.pooling,
       drop_path=m.get("drop_path", 0.0), dtype=jnp.dtype(m.dtype),
-      attention_impl=config_lib.attention_impl(m), remat=m.remat)
+      attention_impl=config_attention.attention_impl(config), remat=m.remat)
 
 
 def frozen_encoder(config) -> ViTEncoder:

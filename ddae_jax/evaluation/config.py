@@ -48,7 +48,7 @@ def _common(protocol: str, size: str) -> ml_collections.ConfigDict:
   c.model.patch_size = 16
   c.model.image_size = 224
   c.model.dtype = "bfloat16"
-  c.model.attention_impl = "auto"  # see config_lib.attention_impl
+  c.model.attention_impl = "auto"  # see config_attention.attention_impl
   c.model.remat = False
   c.model.num_classes = 1000
   c.model.pooling = "cls"  # "cls": normed class token; "avg": mean of patch tokens

@@ -1,8 +1,9 @@
 """Scaled dot-product attention, one function for every implementation the model offers.
 
 `attend(q, k, v, bias, impl)` takes timm's [B, T, heads, head_dim] layout and
-dispatches on `impl` (config_lib.attention_impl resolves model.attention_impl
-for the target platform):
+dispatches on `impl` (config_attention.attention_impl resolves model.attention_impl
+for the target platform and the run's shapes; `refusal` says what cuDNN refuses);
+`attend_qkv(qkv, heads, bias, impl)` takes the fused qkv projection the model makes:
 
   "xla"     XLA, written out: the logits leave the q k^T product in the compute
             dtype, the softmax runs in float32 and the probabilities go back to
@@ -14,29 +15,78 @@ for the target platform):
             float32 logits (BENCHMARKS.md). In float32 it is plain attention.
   "" / None jax.nn.dot_product_attention's XLA path: float32 logits and softmax.
   "cudnn"   cuDNN's fused kernel (GPUs, 16-bit dtypes).
+  "pallas_short"  TPU, pretraining only: models/short_attention.py's kernels for
+            sequences of at most short_attention.MAX_TOKENS, "xla" for longer
+            ones. One kernel per pass holds a head's whole [T, T] block on the
+            chip, reads timm's fused qkv as it is and writes only the output
+            (the backward: d qkv); the TPU compiler counts 37-51% fewer bytes
+            per block than "xla" for DDAE ViT-B (BENCHMARKS.md), and "auto"
+            picks it on TPUs. Same precision as "xla", bar the logits, which
+            stay float32.
   "pallas"  TPU, pretraining only: the Pallas flash-attention kernel
             (jax.experimental.pallas.ops.tpu.flash_attention) for sequences of
             at least FLASH_MIN_TOKENS, "xla" for shorter ones. The kernel never
             writes the [T, T] logits to HBM, but it pads T to its 128-token
             tiles and keeps float32 softmax statistics broadcast over 128 lanes
             for the backward pass; the TPU compiler counts more bytes for it
-            than for "xla" on DDAE and MAE (BENCHMARKS.md), so "auto" does not
-            pick it. Padded keys are masked out with segment ids.
+            than for "xla" on DDAE and MAE (BENCHMARKS.md). Padded keys are
+            masked out with segment ids.
 
 Why the threshold: DDAE's encoder sees 1 + 49 tokens, its momentum encoder and
 decoders 1 + 196; a 50-token sequence would be padded 2.6x to fill one tile.
+The Pallas kernels run per device under shard_map over the step's batch axes
+(kernel_mesh): XLA cannot partition a Mosaic call.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from ddae_jax.models import short_attention
+
 FLASH_MIN_TOKENS = 128
 FLASH_BLOCK = 128  # the kernel's tile along both sequence axes
+
+# What cuDNN's fused attention takes in 16-bit: jax's check_layout and
+# check_is_flash_attention (jax/_src/cudnn/fused_attention_stablehlo.py, the same in
+# jax 0.10.2, 0.11.0 and 0.11.1). Head dimensions up to 256 pass on Hopper and later;
+# 128 passes on every GPU.
+CUDNN_DTYPES = ("bfloat16", "float16")
+CUDNN_MAX_HEAD_DIM = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class Call:
+  """One attention call of a step, as far as an implementation may refuse it."""
+  tokens: int       # sequence length (queries = keys)
+  head_dim: int
+  bias: bool        # an additive bias on the logits
+  trained: bool     # differentiated: its backward pass runs
+
+
+def refusal(impl: str | None, call: Call, dtype: str) -> str | None:
+  """Why `impl` cannot run `call` in `dtype` ("bfloat16", ...), or None when it can.
+
+  Only cuDNN refuses shapes; the Pallas options fall back to "xla" outside their
+  lengths (FLASH_MIN_TOKENS, short_attention.MAX_TOKENS), and XLA takes anything.
+  """
+  if impl != "cudnn":
+    return None
+  if dtype not in CUDNN_DTYPES:
+    return f"cuDNN's fused attention takes {CUDNN_DTYPES}, not {dtype}"
+  if call.head_dim % 8 or call.head_dim > CUDNN_MAX_HEAD_DIM:
+    return (f"cuDNN takes head dimensions that are multiples of 8 up to "
+            f"{CUDNN_MAX_HEAD_DIM}, not {call.head_dim}")
+  if call.bias and call.trained and call.tokens % 2:
+    return (f"jax refuses cuDNN attention with a bias in training at an odd sequence "
+            f"length (Q {call.tokens}, KV {call.tokens})")
+  return None
+
 
 # (mesh, batch axes) of the step being traced: XLA cannot partition a Mosaic
 # kernel, so the flash path runs it per device under shard_map.
@@ -88,17 +138,36 @@ def _flash(q, k, v, bias):
   return jnp.swapaxes(out[:, :, :t], 1, 2)
 
 
-def _sharded_flash(q, k, v, bias):
+def _per_device(kernel, arrays, bias):
+  """`kernel(*arrays, bias)` on each device's share of the batch under the traced step's
+  mesh (kernel_mesh), or as is outside one."""
   if not _KERNEL_MESH:
-    return _flash(q, k, v, bias)  # one device
+    return kernel(*arrays, bias)  # one device
   mesh, axes = _KERNEL_MESH[-1]
   split = P(axes)
   if bias is None:
-    return jax.shard_map(lambda q, k, v: _flash(q, k, v, None), mesh=mesh,
-                         in_specs=(split,) * 3, out_specs=split, check_vma=False)(q, k, v)
+    return jax.shard_map(lambda *a: kernel(*a, None), mesh=mesh,
+                         in_specs=(split,) * len(arrays), out_specs=split,
+                         check_vma=False)(*arrays)
+  # A shared bias is replicated; shard_map's transpose sums its per-device gradients.
   bias_spec = P() if bias.shape[0] == 1 else split
-  return jax.shard_map(_flash, mesh=mesh, in_specs=(split,) * 3 + (bias_spec,),
-                       out_specs=split, check_vma=False)(q, k, v, bias)
+  return jax.shard_map(kernel, mesh=mesh, in_specs=(split,) * len(arrays) + (bias_spec,),
+                       out_specs=split, check_vma=False)(*arrays, bias)
+
+
+def attend_qkv(qkv, heads: int, bias=None, impl: str | None = "xla"):
+  """attend() on timm's fused qkv projection, [B, T, 3 x heads x d] ([q | k | v]).
+
+  "pallas_short" reads the projection as it is and returns [B, T, heads x d] (the
+  layout the output projection takes); the others split it into q, k and v first.
+  """
+  b, t, width = qkv.shape
+  if impl == "pallas_short" and t <= short_attention.MAX_TOKENS:
+    bias = None if bias is None else bias.astype(qkv.dtype)  # the "xla" path's rounding
+    return _per_device(lambda qkv, bias: short_attention.attention_qkv(qkv, bias, heads),
+                       (qkv,), bias)
+  q, k, v = jnp.moveaxis(qkv.reshape(b, t, 3, heads, width // (3 * heads)), 2, 0)
+  return attend(q, k, v, bias, impl).reshape(b, t, width // 3)
 
 
 def attend(q, k, v, bias=None, impl: str | None = "xla"):
@@ -107,14 +176,19 @@ def attend(q, k, v, bias=None, impl: str | None = "xla"):
   Args:
     q, k, v: [B, T, heads, head_dim], the compute dtype.
     bias: None or logits added before the softmax, [B or 1, heads, T, T].
-    impl: "xla", "" / None, "cudnn" or "pallas" (module docstring).
+    impl: "xla", "" / None, "cudnn", "pallas" or "pallas_short" (module docstring).
 
   Returns:
     [B, T, heads, head_dim].
   """
+  if impl == "pallas_short":
+    if q.shape[1] <= short_attention.MAX_TOKENS:
+      bias = None if bias is None else bias.astype(q.dtype)  # the "xla" path's rounding
+      return _per_device(short_attention.short_attention, (q, k, v), bias)
+    impl = "xla"
   if impl == "pallas":
     if q.shape[1] >= FLASH_MIN_TOKENS:
-      return _sharded_flash(q, k, v, bias)
+      return _per_device(_flash, (q, k, v), bias)
     impl = "xla"
   if impl == "xla":
     return _xla(q, k, v, bias)

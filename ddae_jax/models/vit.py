@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddae_jax.models.attention import attend
+from ddae_jax.models.attention import attend_qkv
 
 # (width, depth, heads) of the standard sizes; "tiny" is for tests and the CPU.
 VIT_SIZES = {
@@ -88,7 +88,7 @@ class Attention(nn.Module):
   """Multi-head self-attention with timm's fused qkv layout ([q | k | v], heads inside)."""
   num_heads: int
   dtype: Any = jnp.float32
-  attention_impl: str | None = None  # attend()'s impl: "xla", None (jax's), "cudnn", "pallas"
+  attention_impl: str | None = None  # attend()'s impl: "xla", None (jax's), "cudnn", "pallas*"
   # Computes the softmax explicitly and sows it as intermediates/attention
   # [B, heads, T, T] (float32) for analysis; the fused kernel never forms it.
   capture_attention: bool = False
@@ -98,19 +98,18 @@ class Attention(nn.Module):
     """x [B, T, D]; bias: None or logits added before the softmax, [B or 1, heads, T, T]."""
     b, t, d = x.shape
     qkv = nn.Dense(3 * d, dtype=self.dtype, kernel_init=dense_init, name="qkv")(x)
-    q, k, v = jnp.moveaxis(qkv.reshape(b, t, 3, self.num_heads, d // self.num_heads), 2, 0)
     if self.capture_attention:
+      q, k, v = jnp.moveaxis(qkv.reshape(b, t, 3, self.num_heads, d // self.num_heads), 2, 0)
       scale = (d // self.num_heads) ** -0.5
       logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * scale
       if bias is not None:
         logits = logits + bias.astype(q.dtype).astype(jnp.float32)
       probs = jax.nn.softmax(logits, axis=-1)
       self.sow("intermediates", "attention", probs)
-      out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+      out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v).reshape(b, t, d)
     else:
-      out = attend(q, k, v, bias, self.attention_impl)
-    return nn.Dense(d, dtype=self.dtype, kernel_init=dense_init, name="proj")(
-        out.reshape(b, t, d))
+      out = attend_qkv(qkv, self.num_heads, bias, self.attention_impl)
+    return nn.Dense(d, dtype=self.dtype, kernel_init=dense_init, name="proj")(out)
 
 
 class Mlp(nn.Module):

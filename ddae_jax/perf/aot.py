@@ -25,7 +25,7 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from ddae_jax import config_lib, runtime, sharding
+from ddae_jax import config_attention, config_lib, runtime, sharding
 from ddae_jax import train_step as ts
 from ddae_jax.evaluation import finetune, loop
 from ddae_jax.models.vit import VIT_SIZES, Block
@@ -137,12 +137,12 @@ def slice_devices(s: Slice) -> list:
 def lower_step(config, binary: str, devices):
   """(The run's jitted step lowered for `devices` with abstract state and batch, the mesh).
 
-  The model's attention follows the target platform (config_lib.attention_impl),
+  The model's attention follows the target platform (config_attention.attention_impl),
   not the host's.
   """
   platform = devices[0].platform
   with config.unlocked():
-    config.model.attention_impl = config_lib.attention_impl(config.model, platform) or ""
+    config.model.attention_impl = config_attention.attention_impl(config, platform) or ""
   size, batch = config.model.image_size, config.batch_size
   if binary == "finetune":
     with config.unlocked():
@@ -288,7 +288,10 @@ def report(config, binary: str, s: Slice, devices, margin: float,
   flop = cost.get("flops", 0.0) / per_chip_batch  # the cost model is per device
   moved = cost.get("bytes accessed", 0.0) / per_chip_batch
   analytic = analytic_flops_per_image(config, binary)
-  floor = flops.floor_bytes_per_image(config, per_chip_batch) if binary == "main" else None
+  floor = fused_floor = None
+  if binary == "main":
+    floor = flops.floor_bytes_per_image(config, per_chip_batch)
+    fused_floor = flops.floor_bytes_per_image(config, per_chip_batch, fused_attention=True)
   peak = flops.peak_tflops(devices[0]) * 1e12
   ridge = peak / (chip.hbm_gbps * 1e9)
   bound_s = max(flop / peak, moved / (chip.hbm_gbps * 1e9)) * per_chip_batch
@@ -313,6 +316,9 @@ def report(config, binary: str, s: Slice, devices, margin: float,
       # its result once in bf16, all else fused into them; no unfused step beats it.
       "floor_gb_per_image": round(floor["total"] / 1e9, 4) if floor else None,
       "floor_flop_per_byte": round(analytic / floor["total"], 1) if floor else None,
+      # The same with attention's products and softmax fused (pallas_short's kernels).
+      "fused_attention_floor_gb_per_image": (round(fused_floor["total"] / 1e9, 4)
+                                             if fused_floor else None),
       "ridge_flop_per_byte": round(ridge, 1),
       "bound": "compute" if flop / moved >= ridge else "memory",
       "roofline_step_ms": round(bound_s * 1e3, 2),
@@ -337,33 +343,41 @@ def report(config, binary: str, s: Slice, devices, margin: float,
 
 def block_report(config, part: str, s: Slice, device) -> dict:
   """The compiler's count for one transformer block of `part` on one chip: the quick way to
-  try a change to the block (attention_impl, dtype) before compiling the whole step."""
+  try a change to the block (attention_impl, dtype) before compiling the whole step.
+  BEiT-v2 (method = "beitv2") has the encoder only: every token, its shared relative
+  position bias [1, heads, T, T] trained with the block."""
   d = config_lib.resolve(config, device.platform)
   width, heads, n, k = d.width, d.heads, d.num_patches, len(d.blocks)
+  beit = config.get("method", "ddae") == "beitv2"
+  if beit and part != "encoder":
+    raise ValueError(f"--block={part}: a BEiT-v2 config has only the encoder")
   per_chip = config.batch_size // s.chips
   tokens, batch, train = {
-      "encoder": (n - d.num_masked + 1, per_chip, True),
+      "encoder": (n + 1 if beit else n - d.num_masked + 1, per_chip, True),
       "momentum_encoder": (n + 1, per_chip, False),
       "pixel_decoder": (n + 1, per_chip * k, True),
       "distill_decoder": (n + 1, per_chip * k, True)}[part]
   if part == "pixel_decoder":
     width, heads = config.pixel.decoder_width, config.pixel.decoder_heads
   dtype = jnp.dtype(config.model.dtype)
-  block = Block(heads, dtype=dtype, attention_impl=d.attention_impl)
+  block = Block(heads, dtype=dtype, attention_impl=d.attention_impl,
+                layer_scale=config.model.get("layer_scale", 0.0))
   on_chip = jax.sharding.SingleDeviceSharding(device)
   params = jax.eval_shape(lambda: block.init(jax.random.key(0),
                                              jnp.zeros((1, tokens, width), dtype)))
   params = runtime.with_shardings(params, jax.tree.map(lambda _: on_chip, params))
-  x = jax.ShapeDtypeStruct((batch, tokens, width), dtype, sharding=on_chip)
+  args = [params, jax.ShapeDtypeStruct((batch, tokens, width), dtype, sharding=on_chip)]
+  if config.model.get("rel_pos_bias", False) and part in ("encoder", "momentum_encoder"):
+    args.append(jax.ShapeDtypeStruct((1, heads, tokens, tokens), jnp.float32, sharding=on_chip))
 
-  def loss(params, x):
-    return jnp.sum(block.apply(params, x).astype(jnp.float32) ** 2)
+  def loss(params, x, bias=None):
+    return jnp.sum(block.apply(params, x, True, bias).astype(jnp.float32) ** 2)
 
-  fn = jax.grad(loss, argnums=(0, 1)) if train else loss
-  cost = _cost(jax.jit(fn).lower(params, x).compile())
+  fn = jax.grad(loss, argnums=tuple(range(len(args)))) if train else loss
+  cost = _cost(jax.jit(fn).lower(*args).compile())
   return {"block": part, "tokens": tokens, "width": width, "heads": heads, "batch": batch,
-          "train": train, "attention_impl": d.attention_impl, "dtype": config.model.dtype,
-          "gflop": round(cost.get("flops", 0.0) / 1e9, 2),
+          "train": train, "bias": len(args) == 3, "attention_impl": d.attention_impl,
+          "dtype": config.model.dtype, "gflop": round(cost.get("flops", 0.0) / 1e9, 2),
           "gb_accessed": round(cost.get("bytes accessed", 0.0) / 1e9, 4),
           "flop_per_byte": round(cost["flops"] / cost["bytes accessed"], 1),
           "chip": device.device_kind, **_versions()}

@@ -130,26 +130,29 @@ def _linear_bytes(tokens, a, b, weight_share):
 
 
 def block_bytes(tokens: int, width: int, heads: int, weight_share: float,
-                mlp_ratio: float = 4.0) -> float:
+                mlp_ratio: float = 4.0, fused_attention: bool = False) -> float:
   """One forward pass of a block at the fusion floor, per image: qkv, proj and the MLP's
   products, and attention's two per-head products (their [heads, T, T] result written by
-  QK^T and read by AV)."""
+  QK^T and read by AV). fused_attention: the two products and the softmax are one kernel
+  (models/short_attention.py), which reads q, k, v and writes the output only."""
   hidden = int(width * mlp_ratio)
   products = (_linear_bytes(tokens, width, 3 * width, weight_share)
               + _linear_bytes(tokens, width, width, weight_share)
               + _linear_bytes(tokens, width, hidden, weight_share)
               + _linear_bytes(tokens, hidden, width, weight_share))
-  attention = ACTIVATION_BYTES * (4 * tokens * width + 2 * heads * tokens * tokens)
+  logits = 0 if fused_attention else 2 * heads * tokens * tokens
+  attention = ACTIVATION_BYTES * (4 * tokens * width + logits)
   return products + attention
 
 
-def floor_bytes_per_image(config, per_chip_batch: float) -> dict | None:
+def floor_bytes_per_image(config, per_chip_batch: float,
+                          fused_attention: bool = False) -> dict | None:
   """The fusion floor of one DDAE/MAE train step per image, by part, and its "total".
 
   Trained parts move 3x their forward (as in FLOPs: the backward's two products touch
   the same three tensors), the momentum encoder 1x; the K decoder passes share each
   weight (one batched call). "optimizer" is the parameter update's traffic. None for
-  BEiT-v2 (not modelled).
+  BEiT-v2 (not modelled). fused_attention: as block_bytes.
   """
   if config.get("method", "ddae") == "beitv2":
     return None
@@ -163,11 +166,12 @@ def floor_bytes_per_image(config, per_chip_batch: float) -> dict | None:
 
   def encoder(tokens):
     return (_linear_bytes(tokens - 1, patch_dim, width, share)
-            + depth * block_bytes(tokens, width, heads, share))
+            + depth * block_bytes(tokens, width, heads, share, fused_attention=fused_attention))
 
   def decoder(k, dec_width, dec_heads, dec_depth, out_dim):
     one = (_linear_bytes(visible + 1, width, dec_width, share * k)
-           + dec_depth * block_bytes(n + 1, dec_width, dec_heads, share * k)
+           + dec_depth * block_bytes(n + 1, dec_width, dec_heads, share * k,
+                                     fused_attention=fused_attention)
            + _linear_bytes(n, dec_width, out_dim, share * k))
     return k * one
 
