@@ -5,6 +5,7 @@ r"""Compiles the real train step for a TPU slice on any machine; one JSON line p
   python -m ddae_jax.aot --config=configs/vitl.py --topology=v4-128 --sweep
   python -m ddae_jax.aot --config=configs/finetune_vitb.py --binary=finetune --topology=v5e-64
   python -m ddae_jax.aot --config=configs/vitb.py --topology=v5e-64 --block=pixel_decoder
+  python -m ddae_jax.aot --config=configs/vitb.py --topology=v5e-4 --evaluator=knn
 
 libtpu's compile-only devices stand in for the slice (jax.experimental.
 topologies), so `jax.jit(step).lower(abstract state, abstract batch).compile()`
@@ -23,7 +24,9 @@ floor (flops.floor_bytes_per_image) that no step of unfused products moves
 less than. `--sweep` doubles the per-chip batch until the step no longer fits;
 `--block=pixel_decoder` (encoder, momentum_encoder, distill_decoder) compiles
 one block of that part on one chip instead, in seconds rather than minutes,
-to try a change to the block before compiling the step.
+to try a change to the block before compiling the step. `--evaluator=knn`
+compiles the evaluator config.evals.knn for the slice and reports the share
+of the run's time it takes by the same roofline (ddae_jax/perf/aot_evals.py).
 
 --topology takes gcloud accelerator names (v4-8 ... v4-4096 count cores, two
 per chip; v5litepod-N alias v5e-N, v5p-N (cores), v6e-N count chips) or a

@@ -83,18 +83,18 @@ def _check_scalar_or_tuple(field, whole, value, reference):
                       f"{kind}") from None
 
 
-def check_types(config, reference) -> None:
+def check_types(config, reference, prefix: str = "") -> None:
   """Every field of `config` that `reference` (the base config) has holds a value of its type.
 
   Integers are accepted where the base holds a float, never the reverse; bools
-  are not numbers here.
+  are not numbers here. `prefix` goes before the field names (a section's checks).
 
   Raises:
     ConfigError naming the field, the value and the expected type.
   """
   for name in config:
     if name in reference:
-      _check_value(name, config[name], reference[name])
+      _check_value(prefix + name, config[name], reference[name])
 
 
 # ------------------------------------------------------------------- resuming

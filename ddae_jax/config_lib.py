@@ -191,6 +191,14 @@ def base_config() -> ml_collections.ConfigDict:
   # metrics beyond this, so a save or a preemption waits for at most this many.
   c.steps_in_flight = 2
 
+  # Evaluators run between steps on the training mesh (config_evals.py): k-NN of the
+  # online encoder by the method's own readout, every 10 epochs and at the end, on
+  # the first 25,600 train images (about 26 per class) and 10,000 validation images.
+  from ddae_jax import config_evals  # imports this module
+  c.evals = ml_collections.ConfigDict()
+  c.evals.knn = config_evals.knn(every_epochs=10.0, bank_size=25_600,
+                                 query_split="validation", num_queries=10_000, batch_size=1024)
+
   # Mesh axes and sizes (-1: all remaining devices) and parameter sharding
   # rules: (regex on the parameter path, "replicate" | "fsdp"); first match wins.
   c.sharding = ml_collections.ConfigDict()
@@ -226,6 +234,8 @@ def tiny_config() -> ml_collections.ConfigDict:
   c.data.workers = 2
   c.log_every_steps = 10
   c.checkpoint_every_steps = 20
+  # Tests and benchmarks train without an evaluator unless they ask for one.
+  c.evals.knn.update(every_epochs=0.0, bank_size=0, query_split="test", batch_size=64)
   return c
 
 
@@ -261,6 +271,8 @@ def _smoke(c):
   c.checkpoint_every_steps = 10
   c.optim.warmup_epochs = 0.0
   c.ema.mid_epochs = c.ema.ramp_epochs = 0.0  # either schedule: the final momentum
+  for ev in c.evals.values():  # every evaluator once, at the end, on a few images
+    ev.update(every_steps=c.num_steps, bank_size=256, num_queries=128, batch_size=32)
 
 
 def _fsdp(c):
@@ -489,7 +501,7 @@ def validate(config, num_devices: int | None = None) -> None:
   Raises:
     ConfigError naming the field, its value and the allowed values.
   """
-  from ddae_jax import config_checks  # imports this module; types before ranges
+  from ddae_jax import config_checks, config_evals  # import this module; types before ranges
   config_checks.check_types(config, base_config())
   for field, allowed in CHOICES:
     one_of(config, field, allowed)
@@ -606,3 +618,4 @@ def validate(config, num_devices: int | None = None) -> None:
     if config.batch_size % num_devices:
       fail("batch_size", config.batch_size,
             f"a multiple of the data-parallel size {num_devices} (data x fsdp devices)")
+  config_evals.check(config, num_devices)

@@ -16,6 +16,7 @@ from etils import epath
 from ddae_jax import config_checks, config_lib, metrics, runtime, sharding
 from ddae_jax import train_step as ts
 from ddae_jax.data import pipeline, sources
+from ddae_jax.evaluation import evaluators as evaluators_lib
 from ddae_jax.perf import flops
 from ddae_jax.weights import checkpoints, pretrained
 
@@ -55,6 +56,7 @@ def _train(config, workdir, init_dir, devices, ckpt) -> dict:
   # Resuming restores into the abstract state: no fresh state is made beside it.
   built = ts.build(config, devices, materialize=resume is None, num_train_images=num_images)
   state, step_fn, mesh, abstract = built.state, built.step, built.mesh, built.abstract
+  method = built.model
   del built  # `state` is the one reference to the state (the step donates it)
 
   # ------------------------------------------------------------------ state
@@ -107,11 +109,14 @@ def _train(config, workdir, init_dir, devices, ckpt) -> dict:
   logging.info("Training steps %d..%d, %d images per step on %d devices", start_step,
                total_steps, config.batch_size, len(devices))
   try:
+    evaluators = evaluators_lib.Evaluators(config, method, mesh, writer, workdir, num_images,
+                                           total_steps)
+    evaluators.resume(state, start_step)  # an evaluation a preemption cut short
     end = runtime.train_loop(
         state, step_fn, loader, ckpt, writer, start_step=start_step, total_steps=total_steps,
         batch_size=config.batch_size, num_images=num_images,
         log_every=config.log_every_steps, steps_in_flight=config.steps_in_flight,
-        log_extra=log_extra)
+        log_extra=log_extra, after_step=evaluators.after_step)
   finally:
     loader.close()
     writer.close()

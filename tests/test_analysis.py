@@ -210,6 +210,15 @@ def test_cli_writes_every_figure_and_its_numbers(tiny_run, tmp_path):
   curves = analyze.main(["beta", "--workdir", run, "--x", "epoch", "--out", str(tmp_path)])
   fig2 = analyze.main(["distance-maps", "--grid", "14", "--ratios", "0.5,0.9", "--kinds",
                        "random", "--out", str(tmp_path)])
+  seeds = []
+  for seed, top1 in enumerate(([0.5, 0.6], [0.7, 0.9], [0.6, 0.6])):
+    seeds.append(tmp_path / f"seed{seed}")
+    seeds[-1].mkdir()
+    rows = [{"step": 10, "epoch": 1.0, "loss": 1.0}, {"step": 10, "knn/top1": top1[0]},
+            {"step": 20, "epoch": 2.0, "loss": 1.0}, {"step": 20, "knn/top1": top1[1]}]
+    (seeds[-1] / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  evals = analyze.main(["evals", *(f"--workdir={w}" for w in seeds), *(["--label=ddae"] * 3),
+                        "--out", str(tmp_path)])
   for name in analyze.COMMANDS:
     assert (tmp_path / f"{name}.png").stat().st_size > 1000
     assert json.loads((tmp_path / f"{name}.json").read_text())["seconds_total"] >= 0
@@ -222,6 +231,12 @@ def test_cli_writes_every_figure_and_its_numbers(tiny_run, tmp_path):
   assert d.shape == (depth, heads)
   assert np.all(d > 0) and np.all(d < 4 * math.hypot(3, 3))
   assert recon["step"] == 3 and np.asarray(recon["weights"]).shape == (2, 2, 4, 4)
+  group = evals["groups"]["ddae"]
+  assert group["epoch"] == [1.0, 2.0] and group["runs"] == [[0.5, 0.6], [0.7, 0.9], [0.6, 0.6]]
+  np.testing.assert_allclose(group["mean"], [0.6, 0.7])
+  np.testing.assert_allclose(group["std"], np.std([[0.5, 0.6], [0.7, 0.9], [0.6, 0.6]], 0))
+  assert (group["min"], group["max"]) == ([0.5, 0.6], [0.7, 0.9])
+  assert evals["summary"]["ddae"]["runs"] == 3
   assert curves["runs"][workdir.name]["beta/shared/block_4"]["value"] == pytest.approx(
       [0.6, 0.5, 0.4])
   for p in fig2["panels"]:

@@ -16,24 +16,35 @@ CUDNN_VERSION = 90800  # any cuDNN 9 that jax supports; the checks below do not 
 
 
 def _jax_refuses_cudnn(call: attention.Call, dtype: str) -> str | None:
-  """jax's own checks for cuDNN attention (check_layout, check_is_flash_attention) on
-  abstract [B, T, heads, d] arrays, as jax.nn.dot_product_attention(implementation="cudnn")
-  runs them; on a CPU they assume a GPU before Hopper (head dimensions up to 128)."""
+  """What jax.nn.dot_product_attention(implementation="cudnn") itself says of the call:
+  its whole path traced on abstract [B, T, heads, d] arrays (jax.eval_shape; the gradient
+  too when the call is trained), so every check jax runs on the way (check_layout,
+  check_is_flash_attention in the forward rule, ...) runs with the arguments jax gives it.
+  Only the cuDNN version lookup is stubbed (a CPU has none); on a CPU the checks assume a
+  GPU before Hopper (head dimensions up to 128). An H200 with jax 0.11.2 and cuDNN 9.19
+  answered the same for every case of launch/cudnn_probe.py (docs/decisions.md)."""
   x = jax.ShapeDtypeStruct((2, call.tokens, 4, call.head_dim), jnp.dtype(dtype))
   bias = jax.ShapeDtypeStruct((1, 4, call.tokens, call.tokens), x.dtype) if call.bias else None
-  layout = cudnn_checks.AttentionLayout.BTNH
+
+  def loss(q, b):
+    out = jax.nn.dot_product_attention(q, q, q, bias=b, implementation="cudnn")
+    return out.astype(jnp.float32).sum()
+
+  stub = pytest.MonkeyPatch()
+  stub.setattr(cudnn_checks, "check_cudnn_version", lambda: CUDNN_VERSION)
   try:
-    cudnn_checks.check_layout(x, x, x, bias, None, None, None, None, None, None, layout)
-    cudnn_checks.check_is_flash_attention(x, x, x, layout.value, CUDNN_VERSION, call.bias,
-                                          call.trained)
-  except NotImplementedError as err:
-    return str(err)
+    jax.eval_shape(jax.grad(loss) if call.trained else loss, x, bias)
+  except (NotImplementedError, ValueError, TypeError) as err:
+    return f"{type(err).__name__}: {err}"
+  finally:
+    stub.undo()
   return None
 
 
-@pytest.mark.parametrize("tokens", [50, 196, 197])
+@pytest.mark.parametrize("tokens", [17, 50, 196, 197])
 @pytest.mark.parametrize("head_dim", [12, 16, 32, 64, 128, 256])
-@pytest.mark.parametrize("bias,trained", [(False, True), (True, False), (True, True)])
+@pytest.mark.parametrize("bias,trained", [(False, False), (False, True), (True, False),
+                                          (True, True)])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 def test_cudnn_refusals_equal_jax_checks(tokens, head_dim, bias, trained, dtype):
   call = attention.Call(tokens, head_dim, bias, trained)
@@ -71,14 +82,23 @@ def test_auto_never_picks_what_the_platform_refuses(path, variant, platform):
   assert all(attention.refusal(impl, c, dtype) is None for c in calls)
 
 
-def test_beitv2_falls_back_to_xla_on_gpus():
-  """Its student trains a shared relative position bias over 1 + 196 tokens: jax refuses
-  cuDNN for it ("Unsupported sequence length Q 197, KV 197"), so "auto" takes XLA there; DDAE
-  ViT-B (no bias) keeps cuDNN."""
+def test_odd_lengths_in_training_fall_back_to_xla_on_gpus():
+  """jax refuses cuDNN attention in training at an odd sequence length, bias or not ("Unsupported
+  sequence length Q 197, KV 197": its cudnn_dot_product_attention passes a zeros(0)
+  placeholder for a missing bias, and the forward rule's check counts it as a bias). Every
+  shipped pretraining config differentiates attention over 1 + 196 tokens (the decoders,
+  BEiT-v2's student, fine-tuning's classifier), so "auto" takes XLA there on GPUs; the
+  frozen-encoder protocols (not trained) keep cuDNN."""
   beit = load(repo_path("configs/beitv2_vitb.py"))
   assert attention.Call(197, 64, True, True) in config_attention.attention_calls(beit)
-  assert config_attention.attention_impl(beit, "gpu") == "xla"
-  assert config_attention.attention_impl(load(repo_path("configs/vitb.py")), "gpu") == "cudnn"
+  assert attention.refusal("cudnn", attention.Call(197, 64, False, True), "bfloat16")
+  assert attention.refusal("cudnn", attention.Call(197, 64, False, False), "bfloat16") is None
+  assert attention.refusal("cudnn", attention.Call(50, 64, True, True), "bfloat16") is None
+  for path in ("configs/beitv2_vitb.py", "configs/vitb.py", "configs/mae_vitb.py",
+               "configs/finetune_vitb.py"):
+    assert config_attention.attention_impl(load(repo_path(path)), "gpu") == "xla", path
+  for path in ("configs/linear_probe_vitb.py", "configs/knn_vitb.py"):
+    assert config_attention.attention_impl(load(repo_path(path)), "gpu") == "cudnn", path
 
 
 def test_calls_follow_the_steps_shapes():

@@ -12,24 +12,27 @@ BINARIES = ("main", "finetune", "linear_probe", "knn", "convert", "analyze", "ao
 # The first matching prefix names a module's level.
 LEVELS = (
     ("binaries", tuple(f"ddae_jax.{b}" for b in BINARIES)),
-    ("tools", ("ddae_jax.cli", "ddae_jax.perf.aot", "ddae_jax.perf.bench",
+    ("tools", ("ddae_jax.cli", "ddae_jax.perf.aot", "ddae_jax.perf.aot_evals",
+               "ddae_jax.perf.bench",
                "ddae_jax.perf.input_bench", "ddae_jax.analysis.commands")),
-    ("trainers", ("ddae_jax.evaluation", "ddae_jax.train", "ddae_jax.analysis",
-                  "ddae_jax.weights.convert")),
+    # Pretraining runs the evaluators of config.evals inside its loop.
+    ("pretraining", ("ddae_jax.train",)),
+    ("trainers", ("ddae_jax.evaluation", "ddae_jax.analysis", "ddae_jax.weights.convert")),
     ("step", ("ddae_jax.train_step",)),
     ("methods", ("ddae_jax.methods",)),
     ("training parts", ("ddae_jax.optim", "ddae_jax.runtime")),
     ("formats", ("ddae_jax.weights", "ddae_jax.perf.flops", "ddae_jax.perf")),
     ("configs", ("ddae_jax.config_lib", "ddae_jax.config_checks", "ddae_jax.ablations",
-                 "ddae_jax.config_attention")),
+                 "ddae_jax.config_attention", "ddae_jax.config_evals")),
     ("loss math", ("ddae_jax.objectives",)),
     ("foundations", ("ddae_jax.models", "ddae_jax.data", "ddae_jax.sharding",
                      "ddae_jax.metrics", "ddae_jax.cluster", "ddae_jax")),
 )
 
 
-# config_lib, config_checks, ablations and config_attention are one config split in four
-# (fields and checks, type and resume checks, the paper's rows, the attention choice);
+# config_lib, config_checks, ablations, config_attention and config_evals are one config
+# split in five (fields and checks, type and resume checks, the paper's rows, the attention
+# choice, the evaluators inside pretraining);
 # they import each other lazily.
 SIDEWAYS = ("configs",)
 
@@ -98,3 +101,18 @@ def test_binaries_are_thin(binary):
   functions = [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
   limit = 4 if binary == "sweep" else 1
   assert len(functions) <= limit, [f.name for f in functions]
+
+
+def test_no_merge_conflict_markers():
+  """A merge that kept both sides' markers (docs/style.md and docs/decisions.md once did)."""
+  root = PACKAGE.parent
+  found = []
+  for path in sorted(root.glob("**/*")):
+    if path.suffix not in {".py", ".md", ".sh", ".toml", ".cfg", ".txt"} or any(
+        part.startswith(".") or part in {"peers", "build"} for part in path.relative_to(
+            root).parts):
+      continue
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+      if line.startswith(("<<<<<<< ", ">>>>>>> ")) or line == "=======":
+        found.append(f"{path.relative_to(root)}:{number}")
+  assert not found, f"merge conflict markers: {found}"

@@ -49,7 +49,8 @@ def start(cmd, devices, log_path=None, extra_env=None, **kw):
   return proc
 
 
-def start_processes(workdir, *overrides, devices=1, cache_dir=None, n=2):
+def start_processes(workdir, *overrides, devices=1, cache_dir=None, n=2,
+                    config="configs/tiny.py"):
   """`n` processes of main forming one run through jax.distributed on 127.0.0.1.
 
   Each logs to its own file (f"{workdir}.{launch}.p{i}.log", `launch` counting
@@ -65,7 +66,7 @@ def start_processes(workdir, *overrides, devices=1, cache_dir=None, n=2):
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
     cmd = main_cmd(workdir, *overrides, f"--coordinator_address=127.0.0.1:{port}",
-                   f"--num_processes={n}", f"--process_id={i}")
+                   f"--num_processes={n}", f"--process_id={i}", config=config)
     procs.append(start(cmd, devices, log_path=f"{workdir}.{launch}.p{i}.log", extra_env=cache))
   return procs
 

@@ -132,6 +132,18 @@ def cmd_beta(args) -> dict:
   return {"runs": runs, "summary": summary}
 
 
+def cmd_evals(args) -> dict:
+  from ddae_jax.analysis import evals, plots
+  groups = evals.read_groups(args.workdir, _labels(args), args.metric)
+  if args.x == "epoch" and any(None in g["epoch"] for g in groups.values()):
+    raise SystemExit("some evaluated steps have no 'epoch' metric: use --x=step")
+  plots.metric_over_training(groups, os.path.join(args.out, "evals.png"), args.metric, args.x)
+  summary = {label: {"final_mean": g["mean"][-1], "final_std": g["std"][-1],
+                     "final_min": g["min"][-1], "final_max": g["max"][-1],
+                     "runs": len(g["runs"])} for label, g in groups.items()}
+  return {"metric": args.metric, "groups": groups, "summary": summary}
+
+
 def _attention(args, block: int | None) -> tuple[dict, np.ndarray | None]:
   """Runs every checkpoint's encoder on the same images: {label: summary}, display images."""
   import jax.numpy as jnp
@@ -191,7 +203,7 @@ def cmd_attention_distance(args) -> dict:
 
 
 COMMANDS = {"reconstruct": cmd_reconstruct, "distance-maps": cmd_distance_maps,
-            "beta": cmd_beta, "attention-maps": cmd_attention_maps,
+            "beta": cmd_beta, "evals": cmd_evals, "attention-maps": cmd_attention_maps,
             "attention-distance": cmd_attention_distance}
 
 
@@ -245,6 +257,12 @@ def parser() -> argparse.ArgumentParser:
   p = add("beta", "Fig. 5/6: every beta over training, from each run's metrics.jsonl; "
           "several --workdir are overlaid (colour = block, line style = run).", 8)
   p.add_argument("--x", choices=("step", "epoch"), default="step", help="x-axis")
+
+  p = add("evals", "An evaluator's metric over training (config.evals, e.g. knn/top1), "
+          "from each run's metrics.jsonl; runs with the same --label are one group (its "
+          "seeds): mean, min-max band and each run.", 32)
+  p.add_argument("--metric", default="knn/top1", help="the metrics.jsonl key")
+  p.add_argument("--x", choices=("step", "epoch"), default="epoch", help="x-axis")
 
   for name, text in (("attention-maps", "Fig. 3/7: class-token to patch attention, mean "
                       "over heads, at one block, overlaid on the images; one row per "

@@ -111,6 +111,31 @@ def beta_curves(runs: dict[str, dict], path, x: str = "step", zoom_from: float =
   _save(fig, path)
 
 
+def metric_over_training(groups: dict[str, dict], path, metric: str, x: str = "epoch") -> None:
+  """An evaluator's metric over training: each group's mean over its runs, the min-max band
+  shaded, every run thin.
+
+  Args:
+    groups: {label: `analysis.evals.group_summary(...)`}.
+  """
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(5.6, 3.6))
+  for i, (label, g) in enumerate(groups.items()):
+    colour = plt.cm.tab10(i)
+    xs = np.asarray(g[x] if None not in g[x] else g["step"], np.float64)
+    runs = np.asarray(g["runs"])
+    for run in runs:
+      ax.plot(xs, run, color=colour, linewidth=0.6, alpha=0.5)
+    ax.fill_between(xs, g["min"], g["max"], color=colour, alpha=0.15)
+    ax.plot(xs, g["mean"], color=colour, linewidth=2, marker="o", markersize=3,
+            label=f"{label} (mean of {len(runs)})")
+  ax.set_xlabel(x)
+  ax.set_ylabel(metric)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  _save(fig, path)
+
+
 def attention_maps(images: np.ndarray, maps: dict[str, np.ndarray], patch_size: int,
                    block: int, path) -> None:
   """Fig. 3/7: the input images on top, one row of class-token attention per checkpoint.

@@ -5,8 +5,9 @@ initialised from sin-cos), then pooling, then a linear head. Pooling "avg"
 is MAE's global pool: the mean of the last block's raw patch tokens (no class
 token) through a fresh LayerNorm `fc_norm`; "cls" is the class token after
 the encoder's final `norm`. Linear probing and k-NN read `frozen_features`
-with the same two choices (MAE's linear probe: "avg" without a trained
-fc_norm, i.e. the raw mean) and train only `ProbeHead`.
+with the same two choices, of a chosen block (evaluation/readout.py; "avg"
+through fc_norm at its initialisation, as MAE's and BootMAE's probes leave
+it), and train only `ProbeHead`.
 
 The pretraining encoder also holds `feature_norm_{g}` LayerNorms for its
 supervised intermediate blocks; no classifier reads intermediate blocks, so
@@ -25,6 +26,7 @@ import numpy as np
 from etils import epath
 
 from ddae_jax import config_attention, config_lib, sharding
+from ddae_jax.evaluation import readout
 from ddae_jax.models.vit import VIT_SIZES, ViTEncoder, sincos_pos_embed
 from ddae_jax.weights import checkpoints, pretrained, torch_vit
 
@@ -97,19 +99,52 @@ def classifier_from_config(config, num_classes: int | None = None) -> ViTClassif
       attention_impl=config_attention.attention_impl(config), remat=m.remat)
 
 
-def frozen_encoder(config) -> ViTEncoder:
-  """The encoder linear probing and k-NN run.
+def frozen_readout(config) -> tuple[int, str]:
+  """(block, pooling) that linear probing and k-NN read (evaluation/readout.py).
+
+  model.block 0 and model.pooling "auto" follow the lineage of the pretraining
+  run in config.init_dir (its config.json); a random encoder, or a run
+  without one, follows DDAE's.
+  """
+  depth = VIT_SIZES[config.model.size][1]
+  saved = None
+  if not config.random_init and config.init_dir and (
+      config.model.get("block", 0) == 0 or config.model.pooling == "auto"):
+    saved = pretrained.load_config(config.init_dir)
+  block, pooling = readout.resolve(config.model.get("block", 0), config.model.pooling, depth,
+                                   saved)
+  logging.info("Reading the %s (%s lineage)", readout.describe(block, pooling, depth),
+               readout.lineage(saved))
+  return block, pooling
+
+
+def frozen_encoder(config, block: int | None = None) -> ViTEncoder:
+  """The encoder linear probing and k-NN run, ending at `block` (None: the last).
 
   Positions are a (frozen) parameter: the sin-cos table for our pretraining
   runs, the checkpoint's own table for imported timm/MAE or BEiT-v2 encoders.
   """
-  return encoder_module(classifier_from_config(config), pos_embed="learned")
+  encoder = encoder_module(classifier_from_config(config), pos_embed="learned")
+  if block is None or block == encoder.depth:
+    return encoder
+  return encoder.clone(depth=block, feature_blocks=(block,))
 
 
 def frozen_features(encoder: ViTEncoder, params, images, pooling: str) -> jax.Array:
-  """float[B, H, W, 3] (normalised) -> float32[B, D] features, no gradient."""
+  """float[B, H, W, 3] (normalised) -> float32[B, D] features, no gradient.
+
+  "avg" is the patch-token mean through MAE's and BootMAE's `fc_norm` as the
+  linear probe meets it: a LayerNorm (eps 1e-6) left at its initialisation,
+  i.e. without scale or offset (neither checkpoint holds one; the probe
+  freezes it). "cls": the class token after the encoder's final norm.
+  """
   out = encoder.apply({"params": params}, images)
-  return jax.lax.stop_gradient(pool(out, pooling)).astype(jnp.float32)
+  features = pool(out, pooling).astype(jnp.float32)
+  if pooling == "avg":
+    mean = features.mean(-1, keepdims=True)
+    var = ((features - mean) ** 2).mean(-1, keepdims=True)
+    features = (features - mean) * jax.lax.rsqrt(var + 1e-6)
+  return jax.lax.stop_gradient(features)
 
 
 def expected_encoder(encoder: ViTEncoder, image_size: int):
@@ -178,11 +213,21 @@ def restore_encoder(config, expected: dict, image_size: int, patch_size: int) ->
 
 
 def frozen_encoder_params(config, encoder: ViTEncoder, mesh):
-  """The pretrained (or, with config.random_init, random) encoder, replicated on the mesh."""
+  """The pretrained (or, with config.random_init, random) encoder, replicated on the mesh.
+
+  Checked against the whole encoder of config.model.size; an `encoder` that
+  ends at an earlier block gets only the blocks it runs.
+  """
   size = config.model.image_size
-  expected = expected_encoder(encoder, size)
-  params = restore_encoder(config, expected, size, config.model.patch_size)
+  whole = frozen_encoder(config)
+  params = restore_encoder(config, expected_encoder(whole, size), size, config.model.patch_size)
   if params is None:
     images = jnp.zeros((1, size, size, 3), jnp.float32)
-    params = encoder.init(jax.random.PRNGKey(config.seed), images)["params"]
-  return jax.device_put(params, sharding.replicated(mesh))
+    params = whole.init(jax.random.PRNGKey(config.seed), images)["params"]
+  return jax.device_put(blocks_up_to(params, encoder.depth), sharding.replicated(mesh))
+
+
+def blocks_up_to(params: dict, depth: int) -> dict:
+  """Encoder parameters without the blocks after `depth` (block_{depth}, ... dropped)."""
+  return {k: v for k, v in params.items()
+          if not (k.startswith("block_") and int(k.split("_")[1]) >= depth)}

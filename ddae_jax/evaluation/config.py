@@ -17,12 +17,12 @@ from __future__ import annotations
 import ml_collections
 
 from ddae_jax import config_lib
+from ddae_jax.config_evals import POOLINGS
 from ddae_jax.config_lib import ConfigError, fail, one_of  # noqa: F401 (ConfigError: re-exported)
 from ddae_jax.data.sources import SOURCES
 from ddae_jax.models.vit import VIT_SIZES
 from ddae_jax.weights.pretrained import ENCODERS
 
-POOLINGS = ("avg", "cls")
 PROTOCOLS = ("finetune", "linear_probe", "knn")
 # (base_lr, layer_decay, drop_path, epochs) per size; base_lr * 1024 / 256 is
 # the paper's rate at batch 1024.
@@ -51,7 +51,12 @@ def _common(protocol: str, size: str) -> ml_collections.ConfigDict:
   c.model.attention_impl = "auto"  # see config_attention.attention_impl
   c.model.remat = False
   c.model.num_classes = 1000
-  c.model.pooling = "cls"  # "cls": normed class token; "avg": mean of patch tokens
+  # What k-NN and the linear probe read (evaluation/readout.py): "cls" (normed class
+  # token), "avg" (mean of patch tokens) of block `block` (1-based); "auto" and 0
+  # follow the pretraining run's lineage (DDAE/BootMAE: "avg" of block 10 of ViT-B,
+  # 18 of ViT-L; MAE, BEiT-v2: "cls" of the last block). Fine-tuning: the last block.
+  c.model.pooling = "auto"
+  c.model.block = 0
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "tfds"
@@ -116,7 +121,6 @@ def finetune_config(size: str = "base") -> ml_collections.ConfigDict:
 def linear_probe_config(size: str = "base") -> ml_collections.ConfigDict:
   """MAE's linear probe: frozen encoder, BatchNorm(affine=False) + linear, LARS."""
   c = _common("linear_probe", size)
-  c.model.pooling = "cls"
   c.batch_size = 16384
   _training(c, 90.0, 10.0)
   c.optim.base_lr = 0.1
@@ -221,6 +225,15 @@ def check(config, num_devices: int | None = None, require_init_dir: bool = False
   if require_init_dir and not config.init_dir:
     fail("init_dir", config.init_dir, "a pretraining workdir (--config.init_dir=DIR)")
   m = config.model
+  depth = VIT_SIZES[m.size][1]
+  block = m.get("block", 0)  # .get: configs written before the field existed
+  if config.protocol == "finetune":
+    if m.pooling == "auto":
+      fail("model.pooling", m.pooling, "'avg' or 'cls' in fine-tuning")
+    if block != 0:
+      fail("model.block", block, "0 in fine-tuning (the classifier runs every block)")
+  elif not (isinstance(block, int) and 0 <= block <= depth):
+    fail("model.block", block, f"0 (the pretraining lineage's) or a block in [1, {depth}]")
   config_lib.check_patch_grid(m)
   if m.num_classes < 2:
     fail("model.num_classes", m.num_classes, "an integer >= 2")

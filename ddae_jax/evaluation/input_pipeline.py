@@ -65,8 +65,12 @@ def num_eval_batches(n: int, global_batch: int, process_count: int) -> int:
 
 
 def eval_examples(data_config, split: str, image_size: int, process_index: int = 0,
-                  process_count: int = 1) -> tuple[int, Iterator]:
-  """(examples in the whole split, iterator over this process's (image, label))."""
+                  process_count: int = 1, limit: int = 0) -> tuple[int, Iterator]:
+  """(examples in the whole split, iterator over this process's (image, label)).
+
+  limit > 0: only the split's first `limit` examples (in its stored order), as
+  if the split held no more (an evaluator's bounded memory bank or query set).
+  """
   kind = data_config.source
   if kind in ("digits", "synthetic"):
     if kind == "digits":
@@ -74,12 +78,15 @@ def eval_examples(data_config, split: str, image_size: int, process_index: int =
     else:
       images, labels = sources.synthetic(data_config.synthetic_size, image_size,
                                          seed=0 if split.startswith("train") else 1)
-    share = split_for_process(len(images), process_index, process_count)
-    return len(images), ((images[i], int(labels[i])) for i in share)
+    n = min(len(images), limit) if limit > 0 else len(images)
+    share = split_for_process(n, process_index, process_count)
+    return n, ((images[i], int(labels[i])) for i in share)
   import tensorflow_datasets as tfds
   if kind == "tfds":
     builder = sources.tfds_builder(data_config.name, data_config.data_dir)
     total = builder.info.splits[split].num_examples
+    if limit > 0 and limit < total:
+      split, total = f"{split}[:{limit}]", limit
     sub = tfds.split_for_jax_process(split, process_index=process_index,
                                      process_count=process_count, drop_remainder=False)
     ds = builder.as_dataset(split=sub, shuffle_files=False,
@@ -89,17 +96,18 @@ def eval_examples(data_config, split: str, image_size: int, process_index: int =
     total = builder.info.splits[split].num_examples
     ds = builder.as_dataset(split=split, shuffle_files=False,
                             decoders={"image": tfds.decode.SkipDecoding()})
+    if limit > 0 and limit < total:
+      ds, total = ds.take(limit), limit
     ds = ds.shard(process_count, process_index)  # ImageFolder has no sub-splits
   return total, ((ex["image"], int(ex["label"])) for ex in ds.as_numpy_iterator())
 
 
-def eval_batches(examples: Iterator, num_batches: int, local_batch: int, sharding,
-                 image_size: int, crop_ratio: float = 0.875, workers: int = 8):
-  """Yields {"image": uint8[G, S, S, 3], "label": int32[G], "mask": bool[G]} sharded.
+def eval_host_batches(examples: Iterator, num_batches: int, local_batch: int,
+                      image_size: int, crop_ratio: float = 0.875, workers: int = 8):
+  """Yields this process's rows of each batch: {"image": uint8[L, S, S, 3], "label", "mask"}.
 
-  Each process contributes `local_batch` rows per batch: its next examples,
-  centre-cropped (resize to S / crop_ratio, bicubic), then zero padding with
-  mask False once its share is exhausted.
+  Its next `local_batch` examples, centre-cropped (resize to S / crop_ratio,
+  bicubic), then zero padding with mask False once its share is exhausted.
   """
   resize = int(round(image_size / crop_ratio))
   view = lambda ex: augment.center_view(ex[0], image_size, resize)
@@ -111,8 +119,21 @@ def eval_batches(examples: Iterator, num_batches: int, local_batch: int, shardin
       mask = np.zeros((local_batch,), bool)
       for i, (ex, img) in enumerate(zip(chunk, pool.map(view, chunk), strict=True)):
         images[i], labels[i], mask[i] = img, ex[1], True
-      yield {k: jax.make_array_from_process_local_data(sharding, v)
-             for k, v in (("image", images), ("label", labels), ("mask", mask))}
+      yield {"image": images, "label": labels, "mask": mask}
+
+
+def to_global(host_batch: dict, sharding) -> dict:
+  """One batch of every process's rows as global arrays laid out by `sharding`."""
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in host_batch.items()}
+
+
+def eval_batches(examples: Iterator, num_batches: int, local_batch: int, sharding,
+                 image_size: int, crop_ratio: float = 0.875, workers: int = 8):
+  """Yields {"image": uint8[G, S, S, 3], "label": int32[G], "mask": bool[G]} sharded
+  (eval_host_batches of every process, G = processes x local_batch)."""
+  for batch in eval_host_batches(examples, num_batches, local_batch, image_size, crop_ratio,
+                                 workers):
+    yield to_global(batch, sharding)
 
 
 def eval_loader(config, split: str, sharding, batch_size: int | None = None):

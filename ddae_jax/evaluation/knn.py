@@ -50,10 +50,10 @@ def knn_sums(k, temperature, num_classes, bank, batch) -> dict:
 def evaluate(config, devices=None) -> dict:
   """Top-1, top-5, loss and count of the k-NN classifier on config.data.eval_split."""
   mesh, batch_spec = loop.setup(config, devices)  # validates the config, makes the mesh
-  encoder = classifier.frozen_encoder(config)
+  block, pooling = classifier.frozen_readout(config)
+  encoder = classifier.frozen_encoder(config, block)
   params = classifier.frozen_encoder_params(config, encoder, mesh)
-  embed_fn = jax.jit(functools.partial(embed, encoder, config.model.pooling),
-                     out_shardings=batch_spec)
+  embed_fn = jax.jit(functools.partial(embed, encoder, pooling), out_shardings=batch_spec)
   n_train, batches = input_pipeline.eval_loader(config, config.data.train_split, batch_spec,
                                                 config.batch_size)
   parts = [embed_fn(params, b) for b in batches]

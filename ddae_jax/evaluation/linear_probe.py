@@ -47,7 +47,8 @@ def eval_step(encoder, head, pooling, encoder_params, state, batch) -> dict:
 def build(config, devices=None, num_train_images: int | None = None):
   """Mesh, frozen encoder, head state, jitted train and eval steps."""
   mesh, batch_spec = loop.setup(config, devices)
-  encoder = classifier.frozen_encoder(config)
+  block, pooling = classifier.frozen_readout(config)
+  encoder = classifier.frozen_encoder(config, block)
   encoder_params = classifier.frozen_encoder_params(config, encoder, mesh)
   head = classifier.ProbeHead(config.model.num_classes)
   width = encoder.width
@@ -62,7 +63,6 @@ def build(config, devices=None, num_train_images: int | None = None):
 
   state, shardings, _ = runtime.sharded_state(init_state, mesh, config.sharding.rules,
                                               jax.random.PRNGKey(config.seed))
-  pooling = config.model.pooling
   # The encoder goes in as an argument: closed over, jit would embed it as a constant.
   step = jax.jit(functools.partial(train_step, encoder, head, tx, schedule, pooling),
                  in_shardings=(sharding.replicated(mesh), shardings, batch_spec),

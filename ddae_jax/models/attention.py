@@ -53,9 +53,10 @@ FLASH_MIN_TOKENS = 128
 FLASH_BLOCK = 128  # the kernel's tile along both sequence axes
 
 # What cuDNN's fused attention takes in 16-bit: jax's check_layout and
-# check_is_flash_attention (jax/_src/cudnn/fused_attention_stablehlo.py, the same in
-# jax 0.10.2, 0.11.0 and 0.11.1). Head dimensions up to 256 pass on Hopper and later;
-# 128 passes on every GPU.
+# check_is_flash_attention (jax/_src/cudnn/fused_attention_stablehlo.py) as
+# jax.nn.dot_product_attention reaches them (the same in jax 0.10.2 and 0.11.2; an H200
+# with jax 0.11.2 refused exactly these, launch/cudnn_probe.py). Head dimensions up to
+# 256 pass on Hopper and later; 128 passes on every GPU.
 CUDNN_DTYPES = ("bfloat16", "float16")
 CUDNN_MAX_HEAD_DIM = 128
 
@@ -82,9 +83,11 @@ def refusal(impl: str | None, call: Call, dtype: str) -> str | None:
   if call.head_dim % 8 or call.head_dim > CUDNN_MAX_HEAD_DIM:
     return (f"cuDNN takes head dimensions that are multiples of 8 up to "
             f"{CUDNN_MAX_HEAD_DIM}, not {call.head_dim}")
-  if call.bias and call.trained and call.tokens % 2:
-    return (f"jax refuses cuDNN attention with a bias in training at an odd sequence "
-            f"length (Q {call.tokens}, KV {call.tokens})")
+  if call.trained and call.tokens % 2:
+    # Bias or not: cudnn_dot_product_attention hands the forward rule a zeros(0)
+    # placeholder for a missing bias, which its check counts as a bias.
+    return (f"jax refuses cuDNN attention in training at an odd sequence length "
+            f"(Q {call.tokens}, KV {call.tokens})")
   return None
 
 

@@ -45,6 +45,10 @@ flags.DEFINE_enum("block", None, ["encoder", "momentum_encoder", "pixel_decoder"
                                    "distill_decoder"],
                   "Compile one block of that part (fwd + bwd; the momentum encoder fwd) on one "
                   "chip instead of the step, at the config's per-chip batch (x K for decoders).")
+flags.DEFINE_string("evaluator", None, "Compile the evaluator config.evals.<name> (its "
+                    "feature forward and k-NN scorer) and report its share of the run's time.")
+flags.DEFINE_float("step_ms", None, "With --evaluator: the step's roofline ms (else the step "
+                   "is compiled too).")
 flags.DEFINE_float("margin", 0.1, "Fraction of HBM to keep free for fits=true (the runtime, "
                    "fragmentation and the input pipeline's buffers need some).")
 
@@ -432,6 +436,14 @@ def main(argv):
   devices = slice_devices(s)
   if FLAGS.block:
     print(json.dumps(block_report(config, FLAGS.block, s, devices[0])), flush=True)
+    return
+  if FLAGS.evaluator:
+    from ddae_jax.perf import aot_evals
+    step_s = FLAGS.step_ms / 1e3 if FLAGS.step_ms else None
+    row = aot_evals.evaluator_report(config, FLAGS.evaluator, devices,
+                                     CHIPS[s.generation].hbm_gbps, step_s)
+    print(json.dumps({"topology": s.name, "batch": config.batch_size, **row, **_versions()}),
+          flush=True)
     return
   if not FLAGS.sweep:
     print(json.dumps(try_report(config, FLAGS.binary, s, devices, FLAGS.margin,
