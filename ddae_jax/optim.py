@@ -3,7 +3,8 @@ AdamW with layer-wise lr decay, the linear probe's LARS; one no-decay rule, one 
 
 Pretraining parameters fall in three groups:
   decay:    weight matrices, trained with AdamW and weight decay;
-  no_decay: biases, norms, class and mask tokens (MAE's exclusions);
+  no_decay: every 1-D parameter (biases, norms) and NO_DECAY_NAMES (class token, mask
+            tokens, positions), more than any lineage leaves out (see NO_DECAY_NAMES);
   beta:     the dynamic-loss exponents of eq. 2, trained by Adam without weight
             decay (decay would pull them to 0, which is the regulariser's job),
             or frozen when config.dds.beta_learnable is False.
@@ -24,7 +25,12 @@ import optax
 from ddae_jax import config_lib
 from ddae_jax.sharding import path_str
 
-# MAE's and BEiT's no_weight_decay lists, besides every 1-D parameter (biases, norms).
+# Kept out of weight decay besides every 1-D parameter (biases, norms). The lineages differ
+# (docs/decisions.md, issue 24): BootMAE's and BEiT-v2's pretraining skip cls_token and
+# pos_embed (their models' no_weight_decay) and decay their mask tokens; MAE's pretraining
+# (timm's add_weight_decay, no skip list) decays cls_token and mask_token, its pos_embed is
+# frozen; timm's and MAE's fine-tuning skip pos_embed and cls_token. "mask_token" here, for
+# every method, is our departure from all three.
 NO_DECAY_NAMES = ("cls_token", "mask_token", "pos_embed")
 EMBEDDING_NAMES = ("patch_embed", "cls_token", "pos_embed")
 
@@ -45,7 +51,7 @@ def param_labels(params):
 
 
 def weight_decay_mask(params):
-  """True where AdamW decays: weight matrices, not biases, norms, cls_token, pos_embed."""
+  """True where AdamW decays: weight matrices, not biases, norms or NO_DECAY_NAMES."""
   return jax.tree_util.tree_map_with_path(lambda path, leaf: decays(path_str(path), leaf),
                                           params)
 

@@ -155,3 +155,33 @@ def test_beta_gradient_follows_the_data_under_the_default_objective(normalizer):
     assert abs(independent) < 0.02 * min(growing, -shrinking), independent
   else:
     assert min(independent, growing, shrinking) > 0.05, (independent, growing, shrinking)
+
+
+def test_weight_sum_normaliser_cancels_the_max_rescale():
+  """Under `dds.normalizer = "weight_sum"` each image's weighted sum is divided by the sum of
+  its weights, so eq. 2's rescale by the max, or any other positive factor per image and
+  block, cancels: loss and beta's gradient equal those of eq. 2's distribution as printed.
+  Under `num_masked` the rescale changes both (docs/decisions.md, issue 24)."""
+  from ddae_jax.objectives.ddae import weighted_block_losses
+  grid = (8, 8)
+  mask = masking.random_mask(jax.random.PRNGKey(2), 16, grid, 0.75)
+  distance = dw.distance_map(mask, grid)
+  error = jax.random.uniform(jax.random.PRNGKey(3), (16, 2, 64), minval=0.2, maxval=2.0)
+  factor = jax.random.uniform(jax.random.PRNGKey(4), (16, 2, 1), minval=0.1, maxval=10.0)
+  beta = jnp.asarray([-0.5, -2.0])
+  weightings = {"max-rescaled": dw.loss_weights, "eq. 2": dw.dynamic_weights,
+                "eq. 2 times a factor": lambda *a: dw.dynamic_weights(*a) * factor}
+
+  def value_and_grad(weights, normalizer):
+    loss = lambda b: weighted_block_losses(error, weights(distance, mask, b), mask,
+                                           normalizer).sum()
+    return jax.value_and_grad(loss)(beta)
+
+  runs = jax.jit(lambda: ({name: value_and_grad(w, "weight_sum") for name, w in weightings.items()},
+                          [value_and_grad(w, "num_masked")[0] for w in weightings.values()]))
+  weight_sum, (rescaled, printed, _) = runs()
+  value, grad = weight_sum["max-rescaled"]
+  for name, (other_value, other_grad) in weight_sum.items():
+    np.testing.assert_allclose(other_value, value, rtol=1e-5, err_msg=name)
+    np.testing.assert_allclose(other_grad, grad, rtol=1e-4, atol=1e-7, err_msg=name)
+  assert float(rescaled) > 10 * float(printed)
