@@ -43,6 +43,7 @@ def _mae(c):
   c.pixel.enabled, c.pixel.norm_pix, c.pixel.dds = True, True, True
   c.pixel.norm_pix_stats = "per_patch"  # MAE's norm_pix_loss
   c.optim.min_lr = 0.0                  # MAE's cosine decays to 0
+  c.optim.no_decay_names = ()           # timm's add_weight_decay, no skip list
   c.pixel.decoder_width, c.pixel.decoder_depth, c.pixel.decoder_heads = 512, 8, 16
   c.distill.enabled = False
   c.dds.deep_supervision, c.dds.dynamic = False, False

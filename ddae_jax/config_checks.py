@@ -16,7 +16,7 @@ import ml_collections
 from ddae_jax.config_lib import ConfigError
 
 # Fields whose base value is an empty tuple: what their elements must be.
-_ELEMENT_TYPES = {"dds.blocks": int, "dds.block_weights": float}
+_ELEMENT_TYPES = {"dds.blocks": int, "dds.block_weights": float}  # (empty by default)
 
 # Fields that decide the train state's tree (which parameters, their shapes,
 # the optimizer state's layout). A checkpoint restores only into the same tree.

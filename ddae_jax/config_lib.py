@@ -43,6 +43,10 @@ CHOICES = (
 )
 
 
+# The >= 2-D parameters a no-decay list may name (1-D ones are never decayed).
+NO_DECAY_CHOICES = ("cls_token", "mask_token", "pos_embed")
+
+
 class ConfigError(ValueError):
   """A config field holds a value the run cannot use; the message names the field."""
 
@@ -152,6 +156,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.b2 = 0.95
   c.optim.eps = 1e-8               # AdamW's epsilon
   c.optim.weight_decay = 0.05
+  # Besides every 1-D parameter (biases, norms), kept out of weight decay: BootMAE's and
+  # BEiT-v2's no_weight_decay; the MAE rows decay all (docs/decisions.md, issue 24).
+  c.optim.no_decay_names = ("cls_token", "pos_embed")
   c.optim.warmup_epochs = 20.0
   c.optim.min_lr = 1e-4            # BootMAE's pretraining script (--min_lr 1e-4)
   c.optim.grad_clip_norm = 0.0     # 0 disables clipping
@@ -591,6 +598,9 @@ def validate(config, num_devices: int | None = None) -> None:
     fail("optim.eps", o.eps, "a value > 0")
   if o.weight_decay < 0:
     fail("optim.weight_decay", o.weight_decay, "a value >= 0")
+  if not set(o.no_decay_names) <= set(NO_DECAY_CHOICES):
+    fail("optim.no_decay_names", o.no_decay_names,
+         f"a tuple of parameter names among {NO_DECAY_CHOICES}")
   if not 0 <= o.warmup_epochs < config.epochs:
     fail("optim.warmup_epochs", o.warmup_epochs, f"a value in [0, epochs = {config.epochs}): "
          "the cosine decay after the warm-up needs at least one step")

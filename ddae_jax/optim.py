@@ -3,8 +3,8 @@ AdamW with layer-wise lr decay, the linear probe's LARS; one no-decay rule, one 
 
 Pretraining parameters fall in three groups:
   decay:    weight matrices, trained with AdamW and weight decay;
-  no_decay: every 1-D parameter (biases, norms) and NO_DECAY_NAMES (class token, mask
-            tokens, positions), more than any lineage leaves out (see NO_DECAY_NAMES);
+  no_decay: every 1-D parameter (biases, norms) and config.optim.no_decay_names (the
+            lineage's: DDAE and BEiT-v2 cls_token and pos_embed, the MAE rows none);
   beta:     the dynamic-loss exponents of eq. 2, trained by Adam without weight
             decay (decay would pull them to 0, which is the regulariser's job),
             or frozen when config.dds.beta_learnable is False.
@@ -18,6 +18,8 @@ embeddings at decay^(L + 1) of it.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -25,28 +27,27 @@ import optax
 from ddae_jax import config_lib
 from ddae_jax.sharding import path_str
 
-# Kept out of weight decay besides every 1-D parameter (biases, norms). The lineages differ
-# (docs/decisions.md, issue 24): BootMAE's and BEiT-v2's pretraining skip cls_token and
-# pos_embed (their models' no_weight_decay) and decay their mask tokens; MAE's pretraining
-# (timm's add_weight_decay, no skip list) decays cls_token and mask_token, its pos_embed is
-# frozen; timm's and MAE's fine-tuning skip pos_embed and cls_token. "mask_token" here, for
-# every method, is our departure from all three.
-NO_DECAY_NAMES = ("cls_token", "mask_token", "pos_embed")
+# Kept out of fine-tuning's weight decay besides every 1-D parameter (biases, norms):
+# timm's and MAE's fine-tuning list. Pretraining takes config.optim.no_decay_names, its
+# lineage's (docs/decisions.md, issue 24): BootMAE's and BEiT-v2's pretraining skip
+# cls_token and pos_embed and decay their mask tokens; MAE's (timm's add_weight_decay, no
+# skip list) decays cls_token and mask_token, its pos_embed is frozen.
+NO_DECAY_NAMES = ("cls_token", "pos_embed")
 EMBEDDING_NAMES = ("patch_embed", "cls_token", "pos_embed")
 
 
-def decays(name: str, leaf) -> bool:
-  """Whether AdamW decays the parameter at `name`: weight matrices only."""
-  return leaf.ndim >= 2 and name.split("/")[-1] not in NO_DECAY_NAMES
+def decays(name: str, leaf, no_decay_names=NO_DECAY_NAMES) -> bool:
+  """Whether AdamW decays the parameter at `name`: >= 2-D and not named in the list."""
+  return leaf.ndim >= 2 and name.split("/")[-1] not in tuple(no_decay_names)
 
 
-def param_labels(params):
+def param_labels(params, no_decay_names=NO_DECAY_NAMES):
   """'decay' | 'no_decay' | 'beta' for every parameter leaf."""
   def label(path, leaf):
     name = path_str(path)
     if name.startswith("beta"):
       return "beta"
-    return "decay" if decays(name, leaf) else "no_decay"
+    return "decay" if decays(name, leaf, no_decay_names) else "no_decay"
   return jax.tree_util.tree_map_with_path(label, params)
 
 
@@ -86,7 +87,7 @@ def make_optimizer(config, num_images: int | None = None) -> optax.GradientTrans
     beta_opt = optax.set_to_zero()
   tx = optax.multi_transform(
       {"decay": adamw(o.weight_decay), "no_decay": adamw(0.0), "beta": beta_opt},
-      param_labels)
+      functools.partial(param_labels, no_decay_names=tuple(o.no_decay_names)))
   if o.grad_clip_norm > 0:
     tx = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), tx)
   return tx

@@ -183,3 +183,29 @@ def test_lars_matches_a_numpy_transcription_of_mae():
       np.testing.assert_allclose(p[k], ref[k], rtol=1e-5, atol=1e-7, err_msg=f"{k} wd={wd}")
   # The zero matrix has |p| = 0: no adaptation, so it moves by lr * momentum sums of g.
   assert not np.allclose(p["zero_kernel"], 0.0)
+
+
+@pytest.mark.parametrize("variant, decayed, kept", [
+    ("", ["mask_token", "kernel"], ["cls_token", "pos_embed", "bias"]),  # BootMAE's list
+    ("mae", ["cls_token", "mask_token", "pos_embed", "kernel"], ["bias"]),  # timm's, no skip
+])
+def test_pretraining_weight_decay_follows_the_lineage(variant, decayed, kept):
+  c = runpy.run_path(repo_path("configs/vitb.py"))["get_config"](variant)
+  config_lib.validate(c)
+  params = {"cls_token": jnp.ones((1, 1, 4)), "pos_embed": jnp.ones((1, 5, 4)),
+            "mask_token": jnp.ones((1, 1, 4)), "kernel": jnp.ones((4, 4)),
+            "bias": jnp.ones((4,))}
+  # The optimizer the run builds: with a zero gradient only weight decay moves a parameter.
+  c.optim.warmup_epochs = 0.0
+  tx = optim.make_optimizer(c)
+  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+  moved = sorted(k for k, u in updates.items() if np.any(np.asarray(u) != 0))
+  assert moved == sorted(decayed)
+  assert sorted(set(params) - set(moved)) == sorted(kept)
+
+
+def test_an_unknown_no_decay_name_is_named():
+  c = runpy.run_path(repo_path("configs/vitb.py"))["get_config"]()
+  c.optim.no_decay_names = ("cls_token", "patch_embed")
+  with pytest.raises(config_lib.ConfigError, match=r"optim.no_decay_names = .*among"):
+    config_lib.validate(c)
