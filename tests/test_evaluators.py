@@ -169,7 +169,7 @@ def run_and_checkpoint(tmp_path_factory):
   and the online encoder saved as a pretraining workdir for the knn binary."""
   config = load("configs/quickstart.py")
   config.model.image_size = IMAGE
-  config.evals.knn.update(batch_size=128, every_steps=1)
+  config.evals.knn.update(batch_size=128, every_steps=1, bank_size=0)  # the binary's bank
   built = train_step.build(config)
   ev = evaluators.KnnEvaluator("knn", config.evals.knn, config, built.model, built.mesh, 1497)
   workdir = tmp_path_factory.mktemp("pretrain")
@@ -239,7 +239,7 @@ def test_sigterm_during_an_evaluation_saves_exits_and_the_rerun_redoes_it(tmp_pa
   workdir = tmp_path / "run"
   # Batches of 8: the evaluation runs ~225 batches, long enough to be caught inside.
   args = (*QUICK[1:], "--config.num_steps=6", "--config.evals.knn.every_steps=3",
-          "--config.evals.knn.batch_size=8")
+          "--config.evals.knn.batch_size=8", "--config.evals.knn.bank_size=0")
   proc = trainer_utils.start(trainer_utils.main_cmd(workdir, *args,
                                                     config="configs/quickstart.py"), devices=1)
   deadline = time.monotonic() + 400
@@ -267,4 +267,5 @@ def test_quickstart_default_evaluates_on_the_held_out_digits():
   ev = config.evals.knn
   assert (ev.kind, ev.query_split, ev.num_queries, ev.bank_split, ev.bank_size) == (
       "knn", "test", 0, "train", 0)
-  assert config_evals.interval_steps(ev, 1497, config.batch_size) == 47
+  # Epochs 3.3, 6.7 and 10 of the 234-step run.
+  assert config_evals.interval_steps(ev, 1497, config.batch_size) == 78

@@ -15,18 +15,18 @@ def metric_curve(rows: list[dict], key: str) -> dict:
   """{"step": [...], "epoch": [...], "value": [...]} of `key`, sorted by step.
 
   A resumed run may log a step twice; the later row wins (as in beta_curves).
-  The epoch of a step is taken from the training row of the same step, where
-  one was logged.
+  The epoch of a step is step x (epochs per step), read off the training rows
+  (each logs its step and epoch); None where the run logged no epoch.
   """
-  values, epochs = {}, {}
+  values, per_step = {}, None
   for row in rows:
     step = int(row["step"])
     if key in row:
       values[step] = float(row[key])
-    if "epoch" in row:
-      epochs[step] = float(row["epoch"])
+    if "epoch" in row and step > 0:
+      per_step = float(row["epoch"]) / step
   steps = sorted(values)
-  return {"step": steps, "epoch": [epochs.get(s) for s in steps],
+  return {"step": steps, "epoch": [None if per_step is None else s * per_step for s in steps],
           "value": [values[s] for s in steps]}
 
 

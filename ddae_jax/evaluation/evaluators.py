@@ -94,7 +94,7 @@ class KnnEvaluator:
     """(images in the set, its sharded batches): the first `limit` images of `split`.
 
     This process's rows are decoded once and kept when they fit in
-    HOST_CACHE_BYTES (the quickstart's 1,797 digits: 5.5 MB; a pod host's
+    HOST_CACHE_BYTES (the quickstart's 1,797 digits: 5.5 MB at most; a pod host's
     share of the ImageNet default), else read again at every evaluation.
     """
     key = (split, limit)
@@ -155,6 +155,7 @@ class Evaluators:
   def run(self, evaluator, state, step: int) -> bool:
     """Runs one evaluation at `step` and logs it; False when a stop abandoned it."""
     logging.info("Evaluating %s at step %d", evaluator.name, step)
+    jax.block_until_ready(state)  # the steps still in flight are training's time, not this
     start = time.perf_counter()
     results = evaluator(state, runtime.stop_decision().poll)
     if results is None:
