@@ -28,6 +28,7 @@ from etils import epath
 from ddae_jax import config_attention, config_lib, sharding
 from ddae_jax.evaluation import readout
 from ddae_jax.models.vit import VIT_SIZES, ViTEncoder, sincos_pos_embed
+from ddae_jax.objectives.ddae import layer_norm
 from ddae_jax.weights import checkpoints, pretrained, torch_vit
 
 
@@ -141,9 +142,7 @@ def frozen_features(encoder: ViTEncoder, params, images, pooling: str) -> jax.Ar
   out = encoder.apply({"params": params}, images)
   features = pool(out, pooling).astype(jnp.float32)
   if pooling == "avg":
-    mean = features.mean(-1, keepdims=True)
-    var = ((features - mean) ** 2).mean(-1, keepdims=True)
-    features = (features - mean) * jax.lax.rsqrt(var + 1e-6)
+    features = layer_norm(features)  # the same non-affine norm as the distillation targets
   return jax.lax.stop_gradient(features)
 
 
