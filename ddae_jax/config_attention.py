@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import jax
 
-from ddae_jax import config_lib
 from ddae_jax.models import attention
 from ddae_jax.models.vit import VIT_SIZES
 from ddae_jax.objectives.masking import num_masked
@@ -38,7 +37,7 @@ def attention_calls(config) -> tuple[attention.Call, ...]:
   """The distinct attention calls of the config's step (pretraining or evaluation)."""
   m = config.model
   width, _, heads = VIT_SIZES[m.size]
-  rows, cols = config_lib.grid_size(config)
+  rows = cols = m.image_size // m.patch_size
   n = rows * cols
   if _is_evaluation(config):
     # The classifier sees every patch; only fine-tuning differentiates it.

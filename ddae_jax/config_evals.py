@@ -1,4 +1,4 @@
-"""The evaluators a pretraining run runs while it trains (config.evals): fields and checks.
+"""The evaluators a pretraining run runs while it trains (config.evals): their fields.
 
 `config.evals` maps a name to an evaluator, as big_vision's `config.evals`
 does; the name prefixes its metrics (`knn/top1` ...). Each evaluator:
@@ -24,9 +24,6 @@ from __future__ import annotations
 
 import ml_collections
 
-from ddae_jax.config_lib import fail, one_of
-from ddae_jax.models.vit import VIT_SIZES
-
 KINDS = ("knn",)
 # What a frozen-encoder readout pools (evaluation/readout.py): "auto" follows the lineage.
 POOLINGS = ("auto", "avg", "cls")
@@ -50,44 +47,3 @@ def interval_steps(ev, num_images: int, batch_size: int) -> int:
   if ev.every_epochs <= 0:
     return 0
   return max(1, int(round(ev.every_epochs * num_images / batch_size)))
-
-
-def check(config, num_devices: int | None = None) -> None:
-  """Checks every evaluator of config.evals; raises ConfigError naming `evals.<name>.<field>`."""
-  from ddae_jax import config_checks  # imports config_lib, which imports this module lazily
-  reference = knn(1.0, 1, "test", 0, 1)
-  depth = VIT_SIZES[config.model.size][1]
-  for name, ev in config.get("evals", {}).items():
-    f = f"evals.{name}"
-    if not isinstance(ev, (ml_collections.ConfigDict, dict)):
-      fail(f, ev, "an evaluator section (config_evals.knn(...))")
-    missing = sorted(set(reference) - set(ev))
-    if missing:
-      fail(f, dict(ev), f"an evaluator with the fields {sorted(reference)} (missing {missing})")
-    config_checks.check_types(ml_collections.ConfigDict({name: ev}),
-                              ml_collections.ConfigDict({name: reference}), prefix="evals.")
-    one_of(config, f"{f}.kind", KINDS)
-    one_of(config, f"{f}.encoder", ENCODERS)
-    one_of(config, f"{f}.pooling", POOLINGS)
-    if ev.encoder == "ema" and (config.method != "ddae" or not config.distill.enabled):
-      fail(f"{f}.encoder", ev.encoder, "'online': this run has no momentum encoder "
-           "(only DDAE with distill.enabled = True keeps one)")
-    for field in ("every_epochs", "every_steps", "bank_size", "num_queries", "num_classes"):
-      if ev[field] < 0:
-        fail(f"{f}.{field}", ev[field], "a value >= 0 (0: see config_evals.py)")
-    if not 0 <= ev.block <= depth:
-      fail(f"{f}.block", ev.block, f"0 (the method's lineage) or a block in [1, {depth}]")
-    for field in ("k", "batch_size"):
-      if ev[field] < 1:
-        fail(f"{f}.{field}", ev[field], "an integer >= 1")
-    if 0 < ev.bank_size < ev.k:
-      fail(f"{f}.bank_size", ev.bank_size, f"0 (the whole split) or at least k = {ev.k}")
-    if ev.temperature <= 0:
-      fail(f"{f}.temperature", ev.temperature, "a value > 0")
-    if not 0 < ev.crop_ratio <= 1:
-      fail(f"{f}.crop_ratio", ev.crop_ratio, "a value in (0, 1]")
-    for field in ("bank_split", "query_split"):
-      if not ev[field]:
-        fail(f"{f}.{field}", ev[field], "a split of config.data (e.g. 'train', 'validation')")
-    if num_devices is not None and ev.batch_size % num_devices:
-      fail(f"{f}.batch_size", ev.batch_size, f"a multiple of the {num_devices} devices")

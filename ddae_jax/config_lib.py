@@ -1,22 +1,26 @@
-"""The pretraining config: its fields, the paper's defaults, derived values, checks.
+"""The pretraining config: its fields, the paper's defaults, the values derived from them.
 
 `base_config()` is DDAE ViT-B/16, 100 epochs, as in section 4.1 and Appendix A;
 the files in configs/ change what their experiment needs. Values that depend
-on others (block indices, lambda_i, beta's branches) are derived here, at run
-time, so an override on the command line never leaves a stale derived value:
-`resolve(config)` computes them all once into a frozen `Derived` record, which
-the methods hold; steps depend on the dataset's size and are derived by the loop.
+on others (block indices, lambda_i, beta's branches, the attention kernel of
+the platform, the steps over the dataset) are derived at run time, so an
+override on the command line never leaves a stale derived value: the run's
+entry point calls `config_checks.validate(config)` once, then
+`resolve(config, platform, num_images)` once, and passes the frozen `Derived`
+record down (methods, flops, aot, evaluators). The checks live in config_checks.py,
+which imports this module; this module imports no check.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
 import types
 
+import jax
 import ml_collections
 import numpy as np
 
+from ddae_jax import config_attention, config_evals
 from ddae_jax.data.sources import SOURCES
 from ddae_jax.models.vit import FEATURE_NORMS, POS_EMBEDS, VIT_SIZES
 from ddae_jax.objectives.ddae import NORMALIZERS, TARGET_NORMS
@@ -49,6 +53,10 @@ NO_DECAY_CHOICES = ("cls_token", "mask_token", "pos_embed")
 
 class ConfigError(ValueError):
   """A config field holds a value the run cannot use; the message names the field."""
+
+
+def fail(field, value, allowed):
+  raise ConfigError(f"config.{field} = {value!r} is invalid: allowed {allowed}")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -201,7 +209,6 @@ def base_config() -> ml_collections.ConfigDict:
   # Evaluators run between steps on the training mesh (config_evals.py): k-NN of the
   # online encoder by the method's own readout, every 10 epochs and at the end, on
   # the first 25,600 train images (about 26 per class) and 10,000 validation images.
-  from ddae_jax import config_evals  # imports this module
   c.evals = ml_collections.ConfigDict()
   c.evals.knn = config_evals.knn(every_epochs=10.0, bank_size=25_600,
                                  query_split="validation", num_queries=10_000, batch_size=1024)
@@ -354,6 +361,17 @@ def beta_init(config) -> np.ndarray:
   return np.broadcast_to(init, (k,)).copy() if init.size == 1 else init
 
 
+def learning_rate(config) -> float:
+  return config.optim.base_lr * config.batch_size / 256
+
+
+# ------------------------------------------------------------- step arithmetic
+def epochs_to_steps(config, epochs: float, num_images: int | None = None) -> int:
+  """Steps of `epochs` passes over `num_images` (None: config.num_train_images)."""
+  num_images = config.num_train_images if num_images is None else num_images
+  return int(round(epochs * num_images / config.batch_size))
+
+
 def total_steps(config, num_images: int | None = None) -> int:
   """Steps of the run: config.epochs over `num_images` (the dataset's size;
   None: config.num_train_images), or config.num_steps when set."""
@@ -362,18 +380,12 @@ def total_steps(config, num_images: int | None = None) -> int:
   return max(1, epochs_to_steps(config, config.epochs, num_images))
 
 
-def epochs_to_steps(config, epochs: float, num_images: int | None = None) -> int:
-  """Steps of `epochs` passes over `num_images` (None: config.num_train_images)."""
-  num_images = config.num_train_images if num_images is None else num_images
-  return int(round(epochs * num_images / config.batch_size))
-
-
 def check_steps(config, num_images: int | None = None) -> None:
   """Raises ConfigError unless the run has steps and its cosine decay has at least one.
 
   Steps depend on the dataset's size, so this runs where the schedule is made
-  (optim.lr_schedule, every protocol), not in `validate`. Without it optax
-  stops with "cosine_decay_schedule requires positive decay_steps".
+  (optim.lr_schedule, every protocol), not in config_checks.validate. Without it
+  optax stops with "cosine_decay_schedule requires positive decay_steps".
   """
   n = config.num_train_images if num_images is None else num_images
   fixed = config.get("num_steps", 0) > 0
@@ -392,8 +404,39 @@ def check_steps(config, num_images: int | None = None) -> None:
         f"raise config.{'num_steps' if fixed else 'epochs'} or lower config.optim.warmup_epochs")
 
 
-def learning_rate(config) -> float:
-  return config.optim.base_lr * config.batch_size / 256
+@dataclasses.dataclass(frozen=True)
+class Steps:
+  """A run's step arithmetic over its dataset, resolved once (`steps`); every protocol's.
+
+  Attributes:
+    num_images: the train set's size, which epochs count.
+    batch_size: images per step (global).
+    total: steps of the run; warmup: of its learning-rate warm-up.
+    peak_lr: base_lr * batch_size / 256, the warm-up's end.
+  """
+  num_images: int
+  batch_size: int
+  total: int
+  warmup: int
+  peak_lr: float
+
+  def of_epochs(self, epochs: float) -> int:
+    """Steps of `epochs` passes over the train set."""
+    return int(round(epochs * self.num_images / self.batch_size))
+
+  def epoch(self, step):
+    """The (fractional) epoch at `step` (an int or a traced array)."""
+    return step * (self.batch_size / self.num_images)
+
+
+def steps(config, num_images: int | None = None) -> Steps:
+  """The step arithmetic of `config` over `num_images` (None: config.num_train_images);
+  `check_steps` says whether it makes a schedule."""
+  n = config.num_train_images if num_images is None else int(num_images)
+  return Steps(num_images=n, batch_size=int(config.batch_size),
+               total=total_steps(config, n),
+               warmup=epochs_to_steps(config, config.optim.warmup_epochs, n),
+               peak_lr=learning_rate(config))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -415,7 +458,9 @@ class Derived:
     branches: {"pixel", "distill"} (DDAE) or {"mim"} (BEiT-v2) -> Supervision.
     beta_branches: the sets of beta the parameters hold ("shared", or per branch).
     beta_init: the initial beta of each supervised block (paper: -0.5).
-    attention_impl: models.attention.attend's `impl` on this platform.
+    platform: the backend the step compiles for ("cpu", "gpu", "tpu").
+    attention_impl: models.attention.attend's `impl` on that platform.
+    steps: the step arithmetic over the run's dataset (Steps).
   """
   width: int
   depth: int
@@ -428,19 +473,25 @@ class Derived:
   branches: dict[str, Supervision]
   beta_branches: tuple[str, ...]
   beta_init: tuple[float, ...]
+  platform: str
   attention_impl: str | None
+  steps: Steps
 
   def __post_init__(self):
     # Read-only all the way down: the record is shared by every module of a model.
     object.__setattr__(self, "branches", types.MappingProxyType(dict(self.branches)))
 
 
-def resolve(config, platform: str | None = None) -> Derived:
-  """The derived values of a (validated) pretraining config; `platform` as
-  config_attention.attention_impl."""
-  from ddae_jax import config_attention  # imports this module
+def resolve(config, platform: str | None = None, num_images: int | None = None) -> Derived:
+  """The derived values of a validated pretraining config, once per run.
+
+  Args:
+    platform: the backend the step compiles for (None: jax's default backend).
+    num_images: the train set's size, which epochs count (None: config.num_train_images).
+  """
   width, depth, heads = encoder_dims(config)
   grid = grid_size(config)
+  platform = platform or jax.default_backend()
   names = ("mim",) if config.get("method", "ddae") == "beitv2" else ("pixel", "distill")
   return Derived(
       width=width, depth=depth, heads=heads, grid=grid, num_patches=grid[0] * grid[1],
@@ -448,184 +499,6 @@ def resolve(config, platform: str | None = None) -> Derived:
       block_weights=block_weights(config),
       branches={n: Supervision(*branch_supervision(config, n)) for n in names},
       beta_branches=beta_branches(config),
-      beta_init=tuple(float(b) for b in beta_init(config)),
-      attention_impl=config_attention.attention_impl(config, platform))
-
-
-# ----------------------------------------------------------------------- checks
-def fail(field, value, allowed):
-  raise ConfigError(f"config.{field} = {value!r} is invalid: allowed {allowed}")
-
-
-def one_of(config, field, allowed):
-  value = config
-  for part in field.split("."):
-    value = value[part]
-  if value not in allowed:
-    fail(field, value, f"one of {tuple(allowed)}")
-
-
-def check_patch_grid(m) -> None:
-  """model.patch_size > 0 and model.image_size a multiple of it (pretraining and evaluation)."""
-  if m.patch_size <= 0:
-    fail("model.patch_size", m.patch_size, "a positive integer")
-  if m.image_size <= 0 or m.image_size % m.patch_size:
-    fail("model.image_size", m.image_size,
-          f"a positive multiple of model.patch_size = {m.patch_size}")
-
-
-def _validate_tokenizer(config):
-  t = config.tokenizer
-  one_of(config, "tokenizer.size", VIT_SIZES)
-  if t.patch_size != config.model.patch_size:
-    fail("tokenizer.patch_size", t.patch_size,
-          f"model.patch_size = {config.model.patch_size}: one token per student patch")
-  for field in ("code_dim", "vocab_size"):
-    if t[field] < 1:
-      fail(f"tokenizer.{field}", t[field], "an integer >= 1")
-  if not (t.checkpoint or t.random_weights):
-    fail("tokenizer.checkpoint", t.checkpoint,
-          "the path of BEiT-v2's vqkd_encoder_base_decoder_3x768x12_clip-*.pth "
-          "(or tokenizer.random_weights = True, for tests)")
-
-
-def _validate_cls_pt(config):
-  depth = encoder_dims(config)[1]
-  if not 0 <= config.cls_pt.early_block < depth:
-    fail("cls_pt.early_block", config.cls_pt.early_block,
-          f"0 (no class-token head) or a block in [1, {depth - 1}]")
-  if config.cls_pt.early_block and config.cls_pt.head_depth < 1:
-    fail("cls_pt.head_depth", config.cls_pt.head_depth, "an integer >= 1")
-
-
-def validate(config, num_devices: int | None = None) -> None:
-  """Checks every field the train step uses, before any compute.
-
-  Args:
-    config: a pretraining config.
-    num_devices: devices of the mesh; when given, checks the mesh and batch.
-
-  Raises:
-    ConfigError naming the field, its value and the allowed values.
-  """
-  from ddae_jax import config_checks, config_evals  # import this module; types before ranges
-  config_checks.check_types(config, base_config())
-  for field, allowed in CHOICES:
-    one_of(config, field, allowed)
-  if config.model.layer_scale < 0:
-    fail("model.layer_scale", config.model.layer_scale, "0 (off) or a value > 0")
-  if not 0 <= config.data.color_jitter < 1:
-    fail("data.color_jitter", config.data.color_jitter, "a value in [0, 1)")
-  lo, hi = config.data.crop_scale
-  if not 0 < lo <= hi <= 1:
-    fail("data.crop_scale", tuple(config.data.crop_scale), "(low, high) with 0 < low <= high <= 1")
-  for field in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
-                "steps_in_flight"):
-    if config[field] < 1:
-      fail(field, config[field], "an integer >= 1")
-  if config.data.max_consecutive_failures < 1:
-    fail("data.max_consecutive_failures", config.data.max_consecutive_failures,
-          "an integer >= 1")
-  check_patch_grid(config.model)
-  if not 0.0 < config.masking.ratio < 1.0:
-    fail("masking.ratio", config.masking.ratio, "a value in the open interval (0, 1)")
-  m = config.masking
-  if m.min_patches < 1:
-    fail("masking.min_patches", m.min_patches, "an integer >= 1")
-  if m.max_patches != 0 and m.max_patches < m.min_patches:
-    fail("masking.max_patches", m.max_patches,
-          f"0 (no bound) or an integer >= masking.min_patches = {m.min_patches}")
-  if not 0.0 <= m.block_ratio <= m.ratio:
-    fail("masking.block_ratio", m.block_ratio,
-          f"a value in [0, masking.ratio = {m.ratio}] (0: all masked patches by rectangles)")
-  if config.method == "beitv2":
-    _validate_tokenizer(config)
-    _validate_cls_pt(config)
-  elif not (config.pixel.enabled or config.distill.enabled):
-    fail("pixel.enabled", config.pixel.enabled,
-          "True, or distill.enabled = True: at least one branch must train")
-
-  depth = encoder_dims(config)[1]
-  k = config.dds.num_supervised
-  if config.dds.deep_supervision and not config.dds.blocks:
-    if k < 1 or depth % k:
-      fail("dds.num_supervised", k, f"a divisor of the encoder depth {depth}, "
-            "or explicit indices in dds.blocks")
-  blocks = supervised_blocks(config)
-  if (any(b < 1 or b > depth for b in blocks) or list(blocks) != sorted(set(blocks))):
-    fail("dds.blocks", tuple(blocks),
-          f"distinct increasing block indices in [1, {depth}] (1-based)")
-  if len(block_weights(config)) != len(blocks):
-    fail("dds.block_weights", tuple(config.dds.block_weights),
-          f"{len(blocks)} values, one per supervised block {blocks}, or () for the default")
-  if np.asarray(config.dds.beta_init).size not in (1, len(blocks)):
-    fail("dds.beta_init", tuple(config.dds.beta_init),
-          f"one value or {len(blocks)} values, one per supervised block {blocks}")
-  if config.dds.reg_weight < 0:
-    fail("dds.reg_weight", config.dds.reg_weight, "a value >= 0")
-  for field in ("pixel.decoder_width", "pixel.decoder_depth", "pixel.decoder_heads",
-                "distill.decoder_depth"):
-    branch, name = field.split(".")
-    if config[branch][name] < 1:
-      fail(field, config[branch][name], "an integer >= 1")
-  if config.pixel.decoder_width % config.pixel.decoder_heads:
-    fail("pixel.decoder_heads", config.pixel.decoder_heads,
-          f"a divisor of pixel.decoder_width = {config.pixel.decoder_width}")
-
-  e = config.ema
-  if not 0.0 <= e.momentum_end < 1.0:
-    fail("ema.momentum_end", e.momentum_end, "a value in [0, 1)")
-  if not 0.0 <= e.momentum_start <= e.momentum_end:
-    fail("ema.momentum_start", e.momentum_start,
-          f"a value in [0, ema.momentum_end = {e.momentum_end}]")
-  if e.schedule == "bootmae" and not e.momentum_start <= e.momentum_mid <= e.momentum_end:
-    fail("ema.momentum_mid", e.momentum_mid,
-          f"a value in [ema.momentum_start = {e.momentum_start}, "
-          f"ema.momentum_end = {e.momentum_end}]")
-  for field in ("mid_epochs", "ramp_epochs"):
-    if e[field] < 0:
-      fail(f"ema.{field}", e[field], "a value >= 0")
-  if not 0.0 <= config.distill.weight_ramp <= 1.0:
-    fail("distill.weight_ramp", config.distill.weight_ramp,
-          "a fraction of the epochs in [0, 1] (0: weight 1 from the start)")
-  o = config.optim
-  if o.base_lr <= 0:
-    fail("optim.base_lr", o.base_lr, "a value > 0")
-  for name in ("b1", "b2"):
-    if not 0 <= o[name] < 1:
-      fail(f"optim.{name}", o[name], "a value in [0, 1)")
-  if o.eps <= 0:
-    fail("optim.eps", o.eps, "a value > 0")
-  if o.weight_decay < 0:
-    fail("optim.weight_decay", o.weight_decay, "a value >= 0")
-  if not set(o.no_decay_names) <= set(NO_DECAY_CHOICES):
-    fail("optim.no_decay_names", o.no_decay_names,
-         f"a tuple of parameter names among {NO_DECAY_CHOICES}")
-  if not 0 <= o.warmup_epochs < config.epochs:
-    fail("optim.warmup_epochs", o.warmup_epochs, f"a value in [0, epochs = {config.epochs}): "
-         "the cosine decay after the warm-up needs at least one step")
-  if config.epochs <= 0:
-    fail("epochs", config.epochs, "a value > 0")
-  if config.batch_size < 1:
-    fail("batch_size", config.batch_size, "an integer >= 1")
-
-  axes = dict(config.sharding.mesh)
-  if set(axes) != {"data", "fsdp"}:
-    fail("sharding.mesh", config.sharding.mesh, "axes ('data', n) and ('fsdp', n)")
-  for pattern, spec in config.sharding.rules:
-    try:
-      re.compile(pattern)
-    except re.error as err:
-      fail("sharding.rules", pattern, f"a valid regular expression ({err})")
-    if spec not in ("replicate", "fsdp"):
-      fail("sharding.rules", spec, "'replicate' or 'fsdp' for each rule")
-  if num_devices is not None:
-    sizes = [s for s in axes.values() if s != -1]
-    fixed = int(np.prod(sizes)) if sizes else 1
-    if list(axes.values()).count(-1) > 1 or num_devices % fixed:
-      fail("sharding.mesh", config.sharding.mesh,
-            f"axis sizes whose product divides the {num_devices} devices, at most one -1")
-    if config.batch_size % num_devices:
-      fail("batch_size", config.batch_size,
-            f"a multiple of the data-parallel size {num_devices} (data x fsdp devices)")
-  config_evals.check(config, num_devices)
+      beta_init=tuple(float(b) for b in beta_init(config)), platform=platform,
+      attention_impl=config_attention.attention_impl(config, platform),
+      steps=steps(config, num_images))

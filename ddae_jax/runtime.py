@@ -39,6 +39,7 @@ class Built:
     step: jitted (state, batch) -> (state, metrics).
     abstract: the state's ShapeDtypeStructs with their shardings.
     model, tx: the method (or classifier) and the optimizer.
+    schedule: the optimizer's learning-rate schedule (step -> rate).
     eval_step: (state, batch) -> classification sums (fine-tuning, linear probing).
     batch_sharding: where each batch goes.
     init_state: the state's init function (fine-tuning: (rng, encoder params or None)).
@@ -50,6 +51,7 @@ class Built:
   abstract: Any = None
   model: Any = None
   tx: Any = None
+  schedule: Callable | None = None
   eval_step: Callable | None = None
   batch_sharding: Any = None
   init_state: Callable | None = None
@@ -211,12 +213,12 @@ class LoopEnd:
   preempted: bool
 
 
-def train_loop(state, step_fn, loader, ckpt, writer, *, start_step: int, total_steps: int,
-               batch_size: int, num_images: int, log_every: int, steps_in_flight: int,
+def train_loop(state, step_fn, loader, ckpt, writer, *, start_step: int,
+               steps: config_lib.Steps, log_every: int, steps_in_flight: int,
                prefix: str = "", log_extra: Callable | None = None,
                after_step: Callable | None = None,
                save_every: int | None = None) -> LoopEnd:
-  """Runs `step_fn` from `start_step` to `total_steps`; logs, saves, stops on preemption.
+  """Runs `step_fn` from `start_step` to `steps.total`; logs, saves, stops on preemption.
 
   Before each dispatch the loop polls `stop_decision()` (SIGTERM on one
   process; JAX's preemption sync point, the same step on every process, on
@@ -231,6 +233,7 @@ def train_loop(state, step_fn, loader, ckpt, writer, *, start_step: int, total_s
 
   Args:
     state: the train state (donated to `step_fn` each step).
+    steps: the run's step arithmetic (its total, and the epoch and images/s it logs).
     step_fn: (state, batch) -> (state, metrics of float32 scalars).
     loader: an iterator of batches with `.position` (records consumed).
     ckpt: a weights.checkpoints.Checkpointer.
@@ -241,6 +244,7 @@ def train_loop(state, step_fn, loader, ckpt, writer, *, start_step: int, total_s
   Returns:
     LoopEnd.
   """
+  total_steps = steps.total
   progress = progress_action(total_steps, writer)
   decision = stop_decision()
   in_flight = StepsInFlight(steps_in_flight, start_step)
@@ -262,8 +266,9 @@ def train_loop(state, step_fn, loader, ckpt, writer, *, start_step: int, total_s
       check_finite(values, step, ckpt)
     if log_now:
       now = time.perf_counter()
-      images_per_s = (step - tick_step) * batch_size / max(now - tick, 1e-9)
-      values.update(images_per_second=images_per_s, epoch=step * batch_size / num_images)
+      images_per_s = (step - tick_step) * steps.batch_size / max(now - tick, 1e-9)
+      epoch = step * steps.batch_size / steps.num_images
+      values.update(images_per_second=images_per_s, epoch=epoch)
       if log_extra is not None:
         values.update(log_extra(values, images_per_s))
       writer.write_scalars(step, {f"{prefix}{k}": v for k, v in values.items()})

@@ -26,7 +26,7 @@ def train_and_evaluate(config, workdir: str, init_dir: str | None = None) -> dic
   workdir = epath.Path(workdir)
   # ------------------------------------------------------------------ mesh, model
   devices = jax.devices()
-  config_lib.validate(config, num_devices=len(devices))
+  config_checks.validate(config, num_devices=len(devices))  # the run's one validation
 
   ckpt = checkpoints.Checkpointer(workdir / "checkpoints", config.checkpoint_every_steps,
                                   config.keep_checkpoints)
@@ -50,11 +50,12 @@ def _train(config, workdir, init_dir, devices, ckpt) -> dict:
   # ------------------------------------------------------------------ input
   source = sources.make_source(config.data, config.model.image_size, config.seed, local_batch,
                                jax.process_index(), jax.process_count())
-  # Epochs count this dataset's images; the config stays as given.
-  num_images = source.num_examples
-  total_steps = config_lib.total_steps(config, num_images)
+  # The run's one resolution: epochs count this dataset's images, attention follows
+  # this platform; the config stays as given and everything below reads `derived`.
+  derived = config_lib.resolve(config, devices[0].platform, source.num_examples)
+  steps = derived.steps
   # Resuming restores into the abstract state: no fresh state is made beside it.
-  built = ts.build(config, devices, materialize=resume is None, num_train_images=num_images)
+  built = ts.build(config, devices, materialize=resume is None, derived=derived)
   state, step_fn, mesh, abstract = built.state, built.step, built.mesh, built.abstract
   method = built.model
   del built  # `state` is the one reference to the state (the step donates it)
@@ -78,7 +79,7 @@ def _train(config, workdir, init_dir, devices, ckpt) -> dict:
   # Evaluation, analysis and export read the model back from here; written
   # only once the state it describes is in place.
   pretrained.save_config(workdir, config)
-  _save_run_record(workdir, num_train_images=num_images, total_steps=total_steps,
+  _save_run_record(workdir, num_train_images=steps.num_images, total_steps=steps.total,
                    data=source.description)
   start_step = int(state["step"])
   if position is None:
@@ -95,7 +96,7 @@ def _train(config, workdir, init_dir, devices, ckpt) -> dict:
   writer = metrics.create_writer(str(workdir))
   if start_step == 0:
     writer.write_hparams(config.to_dict())
-  flops_per_image = flops.train_flops_per_image(config)["total"]
+  flops_per_image = flops.train_flops_per_image(config, derived)["total"]
   peak = flops.peak_tflops()
 
   def log_extra(values, images_per_s):
@@ -107,14 +108,12 @@ def _train(config, workdir, init_dir, devices, ckpt) -> dict:
 
   # ------------------------------------------------------------------ loop
   logging.info("Training steps %d..%d, %d images per step on %d devices", start_step,
-               total_steps, config.batch_size, len(devices))
+               steps.total, config.batch_size, len(devices))
   try:
-    evaluators = evaluators_lib.Evaluators(config, method, mesh, writer, workdir, num_images,
-                                           total_steps)
+    evaluators = evaluators_lib.Evaluators(config, method, mesh, writer, workdir)
     evaluators.resume(state, start_step)  # an evaluation a preemption cut short
     end = runtime.train_loop(
-        state, step_fn, loader, ckpt, writer, start_step=start_step, total_steps=total_steps,
-        batch_size=config.batch_size, num_images=num_images,
+        state, step_fn, loader, ckpt, writer, start_step=start_step, steps=steps,
         log_every=config.log_every_steps, steps_in_flight=config.steps_in_flight,
         log_extra=log_extra, after_step=evaluators.after_step)
   finally:

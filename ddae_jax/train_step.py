@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ddae_jax import config_lib, methods, optim, runtime, sharding
+from ddae_jax import config_checks, config_lib, methods, optim, runtime, sharding
 from ddae_jax.data.normalize import normalize_images
 from ddae_jax.methods import Method
 from ddae_jax.models import attention
@@ -27,27 +27,11 @@ from ddae_jax.objectives.dynamic_weights import distance_map
 from ddae_jax.objectives.masking import mask_from_config
 
 
-def make_model(config, num_images: int | None = None) -> Method:
-  """The method of config.method (methods.make); schedules count epochs of `num_images`."""
-  return methods.make(config, num_images)
-
-
 def init_state(model: Method, tx: optax.GradientTransformation, rng: jax.Array) -> dict:
   param_rng, step_rng = jax.random.split(rng)
   params = model.init(param_rng)
   return {"step": jnp.zeros((), jnp.int32), "params": params,
           "opt_state": tx.init(params), "rng": step_rng, **model.init_state(params, param_rng)}
-
-
-def state_layout(config, model: Method, tx, mesh):
-  """The state's init function, its shapes and its shardings; nothing is placed on devices.
-
-  Returns:
-    (init, abstract, shardings): init(rng) -> state; abstract is its
-    ShapeDtypeStruct tree (with the shardings); shardings the NamedSharding tree of the rules.
-  """
-  _, shardings, abstract = create_train_state(config, model, tx, mesh, materialize=False)
-  return functools.partial(init_state, model, tx), abstract, shardings
 
 
 def create_train_state(config, model: Method, tx, mesh, materialize: bool = True):
@@ -71,12 +55,11 @@ def _global_norm(tree) -> jax.Array:
   return optax.tree.norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
 
 
-def train_step(model: Method, tx, batch_spec, num_images, state: dict, batch: dict):
+def train_step(model: Method, tx, schedule, batch_spec, state: dict, batch: dict):
   """One pretraining step: masks, the method's targets, its loss (eq. 6), update, eq. 4.
 
   Args:
-    num_images: the train set's size, which the epoch-based schedules count
-      (None: config.num_train_images).
+    schedule: the optimizer's learning-rate schedule (reported as a metric).
     state: the train state (module docstring).
     batch: {"image": uint8[B, H, W, 3]}, split over the mesh's batch axes.
 
@@ -99,7 +82,7 @@ def train_step(model: Method, tx, batch_spec, num_images, state: dict, batch: di
 
   own_state, own_metrics = model.after_update(state, params)  # eq. 4 for DDAE
   new_state = dict(state, step=step + 1, params=params, opt_state=opt_state, **own_state)
-  metrics = dict(metrics, learning_rate=optim.lr_schedule(c, num_images)(step),
+  metrics = dict(metrics, learning_rate=schedule(step),
                  grad_norm=_global_norm(grads), param_norm=_global_norm(params),
                  update_norm=_global_norm(updates), **own_metrics)
   for branch, beta in params.get("beta", {}).items():
@@ -108,51 +91,48 @@ def train_step(model: Method, tx, batch_spec, num_images, state: dict, batch: di
   return new_state, metrics
 
 
-def make_train_step(model: Method, tx, mesh, state_shardings, num_images: int | None = None):
+def make_train_step(model: Method, tx, schedule, mesh, state_shardings):
   """jax.jit of `train_step` with the state's and batch's shardings; donates the old state."""
   batch_spec = sharding.batch_sharding(mesh)
 
   def step(state, batch):
     with attention.kernel_mesh(mesh, sharding.BATCH_AXES):
-      return train_step(model, tx, batch_spec, num_images, state, batch)
+      return train_step(model, tx, schedule, batch_spec, state, batch)
 
   return jax.jit(step, in_shardings=(state_shardings, batch_spec),
                  out_shardings=(state_shardings, sharding.replicated(mesh)),
                  donate_argnums=0)
 
 
-def setup(config, devices, num_train_images: int | None = None) -> tuple:
-  """Validates the config, then makes the mesh, model and optimizer (no compute).
-
-  `devices` may be compile-only devices of a TPU topology (ddae_jax/aot.py).
-
-  Returns:
-    (mesh, model, tx).
-  """
-  config_lib.validate(config, num_devices=len(devices))
-  return (sharding.make_mesh(config.sharding.mesh, devices),
-          make_model(config, num_train_images), optim.make_optimizer(config, num_train_images))
-
-
-def build(config, devices=None, materialize: bool = True, num_train_images: int | None = None):
-  """Validates the config, then makes the mesh, model, optimizer, state and step.
+def build(config, devices=None, materialize: bool = True,
+          derived: config_lib.Derived | None = None):
+  """Makes the mesh, model, optimizer, state and step of a pretraining config.
 
   Args:
+    devices: the mesh's devices (default jax.devices()); compile-only devices of a
+      TPU topology for ddae_jax/perf/aot.py.
     materialize: False leaves "state" None (and the tokenizer file unread):
-      the caller restores a checkpoint into "abstract" instead.
-    num_train_images: the train set's size, which epochs count (None:
-      config.num_train_images).
+      the caller restores a checkpoint into "abstract", or only compiles.
+    derived: the run's resolved values (config_lib.resolve: its platform and its
+      steps over the dataset), from an entry point that validated the config; None
+      validates and resolves here, for `devices`' platform and config.num_train_images.
 
   Returns:
-    runtime.Built with mesh, model, tx, state, shardings, abstract, step.
+    runtime.Built with mesh, model, tx, schedule, state, shardings, abstract, step.
   """
   devices = list(jax.devices() if devices is None else devices)
-  mesh, model, tx = setup(config, devices, num_train_images)
+  if derived is None:
+    config_checks.validate(config, num_devices=len(devices))
+    derived = config_lib.resolve(config, devices[0].platform)
+  mesh = sharding.make_mesh(config.sharding.mesh, devices)
+  model = methods.make(config, derived)
+  schedule = optim.lr_schedule(config, derived.steps)
+  tx = optim.make_optimizer(config, schedule)
   # Files (BEiT-v2's tokenizer) are read and checked before any compute.
   loaded = model.load_state() if materialize else {}
   state, shardings, abstract = create_train_state(config, model, tx, mesh, materialize)
   for name, host in loaded.items():
     state[name] = jax.device_put(host, shardings[name])
-  step = make_train_step(model, tx, mesh, shardings, num_train_images)
-  return runtime.Built(mesh=mesh, model=model, tx=tx, state=state, shardings=shardings,
-                       abstract=abstract, step=step)
+  step = make_train_step(model, tx, schedule, mesh, shardings)
+  return runtime.Built(mesh=mesh, model=model, tx=tx, schedule=schedule, state=state,
+                       shardings=shardings, abstract=abstract, step=step)

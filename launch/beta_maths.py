@@ -36,10 +36,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ddae_jax import config_lib, optim, sharding  # noqa: E402
+from ddae_jax import config_checks, config_lib, sharding  # noqa: E402
 from ddae_jax import train_step as ts  # noqa: E402
 from ddae_jax.data import pipeline, sources  # noqa: E402
 from ddae_jax.data.normalize import normalize_images  # noqa: E402
+from ddae_jax.methods import schedules  # noqa: E402
 from ddae_jax.objectives import dynamic_weights as dw  # noqa: E402
 from ddae_jax.objectives.masking import mask_from_config  # noqa: E402
 
@@ -170,7 +171,9 @@ def build_run(config):
   """(built, loader) of launch/beta_study.sh's run on one CPU device."""
   source = sources.make_source(config.data, config.model.image_size, config.seed,
                                config.batch_size, 0, 1)
-  built = ts.build(config, jax.devices()[:1], num_train_images=source.num_examples)
+  config_checks.validate(config, num_devices=1)
+  derived = config_lib.resolve(config, num_images=source.num_examples)
+  built = ts.build(config, jax.devices()[:1], derived=derived)
   loader = pipeline.TrainLoader(
       source, sharding.batch_sharding(built.mesh), config.batch_size,
       config.model.image_size, config.seed, scale=config.data.crop_scale,
@@ -203,7 +206,7 @@ def course(steps: int, reg_weight: float) -> list[dict]:
   c.dds.reg_weight = reg_weight
   built, loader, n = build_run(c)
   grads = beta_gradient_fn(built.model, c)
-  schedule = optim.lr_schedule(c, n)
+  schedule, steps_of_run = built.schedule, built.model.derived.steps
   state, rows = built.state, []
   for t in range(steps):
     batch = next(loader)
@@ -211,7 +214,7 @@ def course(steps: int, reg_weight: float) -> list[dict]:
     rows.append({"step": t, "epoch": t * c.batch_size / n,
                  "beta": np.asarray(state["params"]["beta"]["shared"]), "data": g[0],
                  "reg": g[1], "beta_lr": float(schedule(t)) * c.optim.beta_lr_scale,
-                 "w_d": float(optim.distill_weight(c, jnp.asarray(t), n))})
+                 "w_d": float(schedules.distill_weight(c, jnp.asarray(t), steps_of_run))})
     state, _ = built.step(state, batch)
   loader.close()
   rows.append({"step": steps, "epoch": steps * c.batch_size / n,

@@ -33,10 +33,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ddae_jax import optim  # noqa: E402
+from ddae_jax import config_lib, methods, optim  # noqa: E402
 from ddae_jax import train_step as ts  # noqa: E402
 from ddae_jax.data import pipeline, sources  # noqa: E402
 from ddae_jax.data.normalize import normalize_images  # noqa: E402
+from ddae_jax.methods import schedules  # noqa: E402
 from ddae_jax.models.vit import Block, ViTEncoder  # noqa: E402
 from ddae_jax.objectives.dynamic_weights import distance_map  # noqa: E402
 from ddae_jax.objectives.masking import mask_from_config  # noqa: E402
@@ -113,9 +114,9 @@ def load(workdir: str | None, config_arg: str):
     state = None
   source = sources.make_source(config.data, config.model.image_size, config.seed,
                                config.batch_size, 0, 1)
-  model = ts.make_model(config, source.num_examples)
+  model = methods.make(config, config_lib.resolve(config, num_images=source.num_examples))
   if state is None:
-    tx = optim.make_optimizer(config, source.num_examples)
+    tx = optim.make_optimizer(config, optim.lr_schedule(config, model.derived.steps))
     state = ts.init_state(model, tx, jax.random.PRNGKey(config.seed))
   state = jax.tree.map(jnp.asarray, state)
   return config, model, state, source
@@ -151,7 +152,7 @@ def measure(workdir: str | None, config_arg: str, num_batches: int) -> dict:
     out.append(row)
   loader.close()
   result = {k: np.mean([r[k] for r in out], 0) for k in out[0]}
-  w_d = optim.distill_weight(config, state["step"], source.num_examples)
+  w_d = schedules.distill_weight(config, state["step"], model.derived.steps)
   result.update(step=int(state["step"]), w_d=float(w_d) if config.distill.enabled else 0.0,
                 blocks=model.blocks)
   return result

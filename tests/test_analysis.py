@@ -151,7 +151,8 @@ def _tiny_config(dynamic=True):
 def tiny_run(tmp_path_factory):
   """A tiny DDAE (pixel branch, dynamic beta) checkpoint in the pretraining layout."""
   config = _tiny_config()
-  params = jax.tree.map(np.asarray, jax.jit(DDAE(config).init)(jax.random.key(0)))
+  model = DDAE(config, config_lib.resolve(config))
+  params = jax.tree.map(np.asarray, jax.jit(model.init)(jax.random.key(0)))
   workdir = tmp_path_factory.mktemp("run")
   ckpt = Checkpointer(workdir / "checkpoints", every_steps=1, keep=1, use_async=False)
   ckpt.save(3, {"step": np.int32(3), "params": params}, data_position=0, force=True)
@@ -165,7 +166,7 @@ def tiny_run(tmp_path_factory):
 
 def test_reconstruct_matches_the_loss_and_eq2(tiny_run):
   _, config, params = tiny_run
-  model = DDAE(config)
+  model = DDAE(config, config_lib.resolve(config))
   images = np.random.default_rng(2).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
   mask = np.asarray(make_mask(jax.random.key(1), 3, model.grid, 0.75, "random"))
   out = reconstruction.reconstruct(model, params, images, mask)
@@ -175,8 +176,9 @@ def test_reconstruct_matches_the_loss_and_eq2(tiny_run):
   # Uniform weights make the loss per block the masked error averaged over images.
   x = normalize_images(jnp.asarray(images))
   dist = distance_map(jnp.asarray(mask), model.grid)
-  _, metrics = jax.jit(DDAE(_tiny_config(dynamic=False)).loss)(params, x, jnp.asarray(mask),
-                                                                dist)
+  uniform = _tiny_config(dynamic=False)
+  _, metrics = jax.jit(DDAE(uniform, config_lib.resolve(uniform)).loss)(params, x,
+                                                                        jnp.asarray(mask), dist)
   for i, g in enumerate(model.blocks):
     np.testing.assert_allclose(out["masked_error"][:, i].mean(), metrics[f"pixel_loss/block_{g}"],
                                rtol=1e-5)

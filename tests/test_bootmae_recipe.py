@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from ddae_jax import config_lib, optim
+from ddae_jax import config_lib
+from ddae_jax.methods import schedules
 from ddae_jax.methods.ddae import DDAE
 from ddae_jax.models.decoder import decode_per_block
 from ddae_jax.objectives import ddae as objective
@@ -165,15 +166,16 @@ def test_momentum_schedule_is_bootmaes(epochs):
   config = config_lib.base_config()
   config.epochs = float(epochs)
   per_epoch = config.num_train_images / config.batch_size
+  steps = config_lib.steps(config)
   for epoch in (0, 1, 37, 99, 100, 101, 250, 399, 400, 401, 799):
     if epoch >= epochs:
       continue
     for into in (0.01, 0.5, 0.99):  # constant within an epoch
       step = int((epoch + into) * per_epoch)
-      assert float(optim.ema_momentum(config, jnp.asarray(step))) == pytest.approx(
+      assert float(schedules.ema_momentum(config, jnp.asarray(step), steps)) == pytest.approx(
           bootmae_momentum(epoch), abs=2e-7), (epoch, into)
   last = int((epochs - 0.5) * per_epoch)
-  assert float(optim.ema_momentum(config, jnp.asarray(last))) == pytest.approx(
+  assert float(schedules.ema_momentum(config, jnp.asarray(last), steps)) == pytest.approx(
       bootmae_momentum(epochs - 1), abs=2e-7)
 
 
@@ -182,12 +184,13 @@ def test_distillation_weight_ramp_is_bootmaes(epochs):
   config = config_lib.base_config()
   config.epochs = float(epochs)
   per_epoch = config.num_train_images / config.batch_size
+  steps = config_lib.steps(config)
   for epoch in range(0, epochs, max(1, epochs // 40)):
     step = int((epoch + 0.5) * per_epoch)
-    assert float(optim.distill_weight(config, jnp.asarray(step))) == pytest.approx(
+    assert float(schedules.distill_weight(config, jnp.asarray(step), steps)) == pytest.approx(
         bootmae_feature_weight(epoch, epochs), rel=1e-6), epoch
   config.distill.weight_ramp = 0.0
-  assert float(optim.distill_weight(config, jnp.asarray(0))) == 1.0
+  assert float(schedules.distill_weight(config, jnp.asarray(0), config_lib.steps(config))) == 1.0
 
 
 def test_per_channel_norm_pix_is_bootmaes():
@@ -210,7 +213,7 @@ def test_distillation_loss_normalises_prediction_and_target():
   config = config_lib.tiny_config()
   config.pixel.enabled = False
   config.dds.deep_supervision, config.dds.dynamic = False, False
-  model = DDAE(config)
+  model = DDAE(config, config_lib.resolve(config))
   params = model.init(jax.random.PRNGKey(0))
   ema = jax.tree.map(lambda x: x * 0.9, params["encoder"])
   rng = np.random.default_rng(1)
@@ -233,7 +236,7 @@ def test_distillation_loss_normalises_prediction_and_target():
   assert float(loss) == pytest.approx(0.25 * ploss, rel=2e-4)  # eq. 6 with w_d
   # Without pred_norm, the raw prediction is compared (another number).
   config.distill.pred_norm = False
-  _, raw = DDAE(config).loss(params, images, mask, distance, ema_out)
+  _, raw = DDAE(config, config_lib.resolve(config)).loss(params, images, mask, distance, ema_out)
   assert abs(float(raw["distill_loss"]) - ploss) > 1e-3 * ploss
 
 

@@ -6,12 +6,12 @@ import pytest
 from config_files import config_variants, load
 from repo_paths import REPO
 
-from ddae_jax import config_lib
+from ddae_jax import config_checks, config_lib
 from ddae_jax import train_step as ts
 
 
 def _check_pretraining(config):
-  config_lib.validate(config, num_devices=8)
+  config_checks.validate(config, num_devices=8)
   config_lib.check_steps(config)  # the schedule has steps and a decay after its warm-up
   assert config_lib.total_steps(config) >= 1
 
@@ -44,9 +44,10 @@ def test_paper_defaults():
   e800 = load(os.path.join(REPO, "configs", "vitb.py"), "ep800")
   assert (e800.epochs, e800.optim.warmup_epochs) == (800, 40)
   # Appendix A: momentum 0.999 -> 0.99999 over the first 400 epochs (BootMAE's schedule).
-  from ddae_jax import optim
+  from ddae_jax.methods import schedules
   per_epoch = e800.num_train_images / e800.batch_size
-  momentum = lambda epoch: float(optim.ema_momentum(e800, int(epoch * per_epoch) + 1))
+  steps = config_lib.steps(e800)
+  momentum = lambda epoch: float(schedules.ema_momentum(e800, int(epoch * per_epoch) + 1, steps))
   assert momentum(0) == pytest.approx(0.999) and momentum(100) == pytest.approx(0.9999)
   assert momentum(400) == pytest.approx(0.99999) and momentum(700) == pytest.approx(0.99999)
   assert momentum(399) < 0.99999
@@ -91,7 +92,7 @@ def test_bad_config_names_field_and_allowed_values(field, value, allowed):
     section = section[p]
   section[name] = value
   with pytest.raises(config_lib.ConfigError) as err:
-    config_lib.validate(c, num_devices=8)
+    config_checks.validate(c, num_devices=8)
   message = str(err.value)
   assert f"config.{field}" in message and allowed in message, message
 
@@ -123,18 +124,18 @@ def test_a_schedule_without_decay_steps_names_epochs_and_warmup(builder):
   c.batch_size, c.optim.warmup_epochs = 64, 1.0
   c.epochs = 1.004  # validate passes (warm-up < epochs); in steps both are 23 over 1,497 images
   with pytest.raises(config_lib.ConfigError) as err:
-    optim.lr_schedule(c, 1497)
+    optim.lr_schedule(c, config_lib.steps(c, 1497))
   message = str(err.value)
   assert "\n" not in message
   assert ("config.optim.warmup_epochs = 1.0 (23 steps) is not shorter than config.epochs = "
           "1.004 (23 steps over 1,497 images at batch 64)") in message
   c.epochs = 1.05  # 25 steps: two of cosine decay
-  assert float(optim.lr_schedule(c, 1497)(24)) > 0
+  assert float(optim.lr_schedule(c, config_lib.steps(c, 1497))(24)) > 0
   c.epochs, c.optim.warmup_epochs = 0.01, 0.0
   with pytest.raises(config_lib.ConfigError, match=r"config.epochs = 0.01 is invalid: allowed "
                      r"at least 0.0214 \(one step over 1,497 images at batch 64\); 0.01 epochs "
                      r"round to 0 steps"):
-    optim.lr_schedule(c, 1497)
+    optim.lr_schedule(c, config_lib.steps(c, 1497))
 
 
 def test_a_fixed_number_of_steps_shorter_than_the_warm_up_is_refused():
@@ -143,4 +144,4 @@ def test_a_fixed_number_of_steps_shorter_than_the_warm_up_is_refused():
   c.optim.warmup_epochs = 0.001  # 160 steps of ImageNet at batch 8 > num_steps = 20
   with pytest.raises(config_lib.ConfigError, match=r"warmup_epochs = 0.001 \(160 steps\) is not "
                      r"shorter than config.num_steps = 20: .* raise config.num_steps or lower"):
-    optim.lr_schedule(c, 1_281_167)
+    optim.lr_schedule(c, config_lib.steps(c, 1_281_167))

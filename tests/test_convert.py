@@ -17,7 +17,7 @@ from repo_paths import REPO
 from safetensors.numpy import load_file, save_file
 from timm.layers import resample_abs_pos_embed
 
-from ddae_jax import config_lib
+from ddae_jax import config_checks, config_lib
 from ddae_jax.methods.ddae import DDAE
 from ddae_jax.models.vit import VIT_SIZES, sincos_pos_embed
 from ddae_jax.weights import convert, pretrained, torch_vit
@@ -54,9 +54,9 @@ def _nchw(images):
 def _consumer_forward(workdir, images):
   """What the evaluation binaries do: config.json -> model, checkpoint -> params."""
   config = pretrained.load_config(workdir)
-  config_lib.validate(config)
+  config_checks.validate(config)
   config.model.dtype = "float32"
-  encoder = DDAE(config).encoder
+  encoder = DDAE(config, config_lib.resolve(config)).encoder
   params, _ = pretrained.load_encoder(workdir, "online")
   expected = jax.eval_shape(encoder.init, jax.random.key(0), jnp.asarray(images[:1]))
   pretrained.check_encoder(params, expected["params"])
@@ -103,7 +103,7 @@ def test_cli_export_of_an_import_reproduces_the_tensors_exactly(imported):
 def pretraining_run(tmp_path_factory):
   """A tiny pretraining-layout run (sin-cos table, per-block feature norms)."""
   config = config_lib.tiny_config()
-  encoder = DDAE(config).encoder
+  encoder = DDAE(config, config_lib.resolve(config)).encoder
   # Random values for every parameter (shapes only from init: no compile).
   shapes = jax.eval_shape(encoder.init, jax.random.key(1), jnp.zeros((1, 32, 32, 3)))["params"]
   leaves, tree = jax.tree.flatten(shapes)
@@ -197,7 +197,8 @@ def test_import_at_a_larger_image_size_resamples_like_timm(imported, tmp_path):
   config = pretrained.load_config(tmp_path / "run48")
   assert config.model.image_size == 48
   big, _ = pretrained.load_encoder(tmp_path / "run48")
-  expected = jax.eval_shape(DDAE(config).encoder.init, jax.random.key(0),
+  encoder = DDAE(config, config_lib.resolve(config)).encoder
+  expected = jax.eval_shape(encoder.init, jax.random.key(0),
                             jnp.zeros((1, 48, 48, 3)))["params"]
   pretrained.check_encoder(big, expected)  # what a consumer at 48 px builds
   want = resample_abs_pos_embed(model.pos_embed.detach(), [6, 6]).numpy()  # timm's recipe
@@ -253,7 +254,7 @@ def test_beit_student_exports_strictly_into_timms_beit_with_the_same_features(tm
   config.model.pos_embed, config.model.rel_pos_bias, config.model.layer_scale = "none", True, 0.1
   config.tokenizer.size, config.tokenizer.patch_size, config.tokenizer.random_weights = (
       "tiny", 4, True)
-  encoder = DDAE(config).encoder
+  encoder = DDAE(config, config_lib.resolve(config)).encoder
   mask = jnp.zeros((1, 64), bool)
   shapes = jax.eval_shape(encoder.init, jax.random.key(1), jnp.zeros((1, 32, 32, 3)),
                           mask=mask)["params"]

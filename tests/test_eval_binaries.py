@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import trainer_utils
 
+from ddae_jax import config_lib
 from ddae_jax.evaluation import classifier, finetune, knn, linear_probe
 from ddae_jax.evaluation import config as eval_config
 from ddae_jax.models.vit import sincos_pos_embed
@@ -51,7 +52,7 @@ def pretrained_dir(tmp_path_factory):
 def test_finetune_restores_the_encoder_and_takes_sharded_steps(pretrained_dir):
   workdir, params = pretrained_dir
   config = _config("finetune", workdir, **{"aug.randaug_ops": 0})
-  built = finetune.build(config, num_train_images=64)
+  built = finetune.build(config, steps=config_lib.steps(config, 64))
   state = built.state
   encoder = jax.device_get(state["params"]["encoder"])
   np.testing.assert_array_equal(encoder["block_1"]["attn"]["qkv"]["kernel"],

@@ -13,7 +13,7 @@ import trainer_utils
 from config_files import load as _load
 from repo_paths import REPO
 
-from ddae_jax import config_evals, config_lib, train_step
+from ddae_jax import config_checks, config_evals, config_lib, train_step
 from ddae_jax.evaluation import config as eval_config
 from ddae_jax.evaluation import evaluators, knn, readout
 from ddae_jax.weights import pretrained
@@ -62,7 +62,7 @@ def test_evaluator_config_errors_name_the_field(field, value, allowed):
   with config.unlocked():
     config.evals.knn[field] = value
   with pytest.raises(config_lib.ConfigError, match=f"evals.knn.{field}") as e:
-    config_lib.validate(config, num_devices=8)
+    config_checks.validate(config, num_devices=8)
   assert allowed in str(e.value)
 
 
@@ -70,22 +70,22 @@ def test_momentum_encoder_needs_a_run_that_keeps_one():
   config = load("configs/quickstart.py", "mae")
   config.evals.knn.encoder = "ema"
   with pytest.raises(config_lib.ConfigError, match="evals.knn.encoder = 'ema'.*no momentum"):
-    config_lib.validate(config)
+    config_checks.validate(config)
   config = load("configs/quickstart.py")
   config.evals.knn.encoder = "ema"
-  config_lib.validate(config)
+  config_checks.validate(config)
 
 
 def test_an_incomplete_or_mistyped_evaluator_is_named():
   config = load("configs/quickstart.py")
   config.evals.probe = ml_collections.ConfigDict({"kind": "knn", "every_steps": 10})
   with pytest.raises(config_lib.ConfigError, match=r"evals.probe = .*missing \['bank_size'"):
-    config_lib.validate(config)
+    config_checks.validate(config)
   config = load("configs/quickstart.py")
   fields = dict(config_evals.knn(1.0, 0, "test", 0, 64).to_dict(), k="20")
   config.evals.probe = ml_collections.ConfigDict(fields)
   with pytest.raises(config_lib.ConfigError, match="evals.probe.k"):
-    config_lib.validate(config)
+    config_checks.validate(config)
 
 
 def test_schedule_in_epochs_or_steps_and_at_the_end():

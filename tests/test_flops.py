@@ -21,7 +21,7 @@ def _small_config():
 def test_forward_flops_match_xla_cost_analysis():
   """XLA counts every op; matrix products dominate, so the two agree within ~10%."""
   c = _small_config()
-  model = DDAE(c)
+  model = DDAE(c, config_lib.resolve(c))
   params = jax.eval_shape(model.init, jax.random.PRNGKey(0))
   batch = 2
   images = jax.ShapeDtypeStruct((batch, 96, 96, 3), jnp.float32)
@@ -33,7 +33,7 @@ def test_forward_flops_match_xla_cost_analysis():
 
   cost = jax.jit(forward).lower(params, images).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  analytic = sum(flops.forward_flops_per_image(c).values()) * batch
+  analytic = sum(flops.forward_flops_per_image(c, config_lib.resolve(c)).values()) * batch
   ratio = analytic / cost["flops"]
   assert 0.85 < ratio < 1.02, (analytic, cost["flops"])
 
@@ -41,14 +41,14 @@ def test_forward_flops_match_xla_cost_analysis():
 def test_vitb_step_cost_matches_the_published_estimate():
   """PEERS.md: about 160 GFLOP per image for DDAE ViT-B/16, K = 4."""
   c = config_lib.base_config()
-  parts = flops.train_flops_per_image(c)
+  parts = flops.train_flops_per_image(c, config_lib.resolve(c))
   assert 150e9 < parts["total"] < 175e9
   np.testing.assert_allclose(parts["encoder"], 25.8e9, rtol=0.02)
   np.testing.assert_allclose(parts["momentum_encoder"], 34.9e9, rtol=0.02)
   # MAE ViT-B (8 x 512 decoder, one pass, no distillation): PEERS.md counts 58.8.
   c.dds.deep_supervision, c.dds.dynamic, c.distill.enabled = False, False, False
   c.pixel.decoder_depth, c.masking.kind = 8, "random"
-  assert 55e9 < flops.train_flops_per_image(c)["total"] < 62e9
+  assert 55e9 < flops.train_flops_per_image(c, config_lib.resolve(c))["total"] < 62e9
 
 
 def test_peak_table_knows_the_chips():
@@ -80,15 +80,15 @@ def test_floor_counts_the_models_parameters_in_the_optimizer_term():
   parameter; the formula's counts match the model's own tree (norms, biases and the
   class token aside, < 1%)."""
   c = config_lib.base_config()
-  params = jax.eval_shape(DDAE(c).init, jax.random.PRNGKey(0))
+  params = jax.eval_shape(DDAE(c, config_lib.resolve(c)).init, jax.random.PRNGKey(0))
   size = lambda tree: sum(int(np.prod(a.shape)) for a in jax.tree.leaves(tree))
   trained = size({k: v for k, v in params.items() if k != "beta"})
   expected = flops.TRAINED_PARAM_BYTES * trained + flops.MOMENTUM_PARAM_BYTES * size(
       params["encoder"])
-  parts = flops.floor_bytes_per_image(c, per_chip_batch=64)
+  parts = flops.floor_bytes_per_image(c, config_lib.resolve(c), per_chip_batch=64)
   np.testing.assert_allclose(parts["optimizer"] * 64, expected, rtol=0.01)
   assert parts["total"] == sum(v for k, v in parts.items() if k != "total")
   # The MAE row has no momentum encoder and no distillation decoder.
   c.dds.deep_supervision, c.dds.dynamic, c.distill.enabled = False, False, False
-  assert set(flops.floor_bytes_per_image(c, 64)) == {"encoder", "pixel_decoder", "optimizer",
-                                                     "total"}
+  assert set(flops.floor_bytes_per_image(c, config_lib.resolve(c), 64)) == {
+      "encoder", "pixel_decoder", "optimizer", "total"}

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from ddae_jax import config_lib, train
+from ddae_jax.methods import schedules
 from ddae_jax.weights import checkpoints, pretrained
 
 
@@ -24,10 +25,13 @@ def test_the_dataset_size_is_passed_to_the_step_arithmetic_not_written_into_the_
   config = _epochs(10.0)  # config.num_train_images = 256, the fallback
   assert config_lib.total_steps(config, 1497) == round(10 * 1497 / 16)
   assert config_lib.total_steps(config) == 160 and config.num_train_images == 256
-  schedule = optim.lr_schedule(config, 1497)  # one warm-up epoch: 94 steps of 16 of 1497
+  # one warm-up epoch: 94 steps of 16 of 1497
+  schedule = optim.lr_schedule(config, config_lib.steps(config, 1497))
   assert float(schedule(94)) == pytest.approx(config_lib.learning_rate(config))
-  assert float(optim.lr_schedule(config)(94)) < config_lib.learning_rate(config)
-  momentum = optim.ema_momentum(config, 5 * 94, 1497)  # the 5-epoch ramp's end
+  own_size = optim.lr_schedule(config, config_lib.steps(config))
+  assert float(own_size(94)) < config_lib.learning_rate(config)
+  # the 5-epoch ramp's end
+  momentum = schedules.ema_momentum(config, 5 * 94, config_lib.steps(config, 1497))
   assert float(momentum) == pytest.approx(config.ema.momentum_end)
 
 

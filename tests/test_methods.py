@@ -18,7 +18,7 @@ import retrace
 from references import mae_loss_numpy
 from repo_paths import repo_path
 
-from ddae_jax import ablations, config_lib, optim, sharding
+from ddae_jax import ablations, config_checks, config_lib, methods, optim, sharding
 from ddae_jax import train_step as ts
 from ddae_jax.models.decoder import decode_per_block
 from ddae_jax.objectives import dynamic_weights as dw
@@ -99,14 +99,16 @@ def test_every_table_row_trains_its_tiny_version(rows, monkeypatch):
   mesh = sharding.make_mesh((("data", -1), ("fsdp", 1)), jax.devices()[:1])
   images = {"image": smooth_images(8)}
   first = tiny_version(rows[0])
-  model, tx = ts.make_model(first), optim.make_optimizer(first)
+  model = methods.make(first, config_lib.resolve(first))
+  schedule = optim.lr_schedule(first, model.derived.steps)
+  tx = optim.make_optimizer(first, schedule)
   initial, shardings = fresh_state(first, model, tx, mesh)
   initial = jax.device_get(initial)
   traces = retrace.trace_at_most_once(monkeypatch)  # a second trace raises in step()
-  step = ts.make_train_step(model, tx, mesh, shardings)
+  step = ts.make_train_step(model, tx, schedule, mesh, shardings)
   for arg in rows:
     c = tiny_version(arg)
-    config_lib.validate(c, num_devices=1)
+    config_checks.validate(c, num_devices=1)
     # The group's rows differ only in beta's initial value (program_key).
     state = jax.tree.map(np.copy, initial)
     if "beta" in state["params"]:
@@ -173,13 +175,14 @@ def test_rows_are_the_papers_settings():
   assert config_lib.beta_branches(dds_beit) == ("shared",)
   for rows in ablations.TABLES.values():
     for _, arg, _ in rows:
-      config_lib.validate(load(arg), num_devices=8)
+      config_checks.validate(load(arg), num_devices=8)
   # MAE ViT-B's step is MAE's cost, DDS-MAE adds three more decoder passes.
   mae_b, dds_b = load("configs/mae_vitb.py:mae,ep300"), load("configs/mae_vitb.py:dds_mae")
-  assert 55e9 < flops.train_flops_per_image(mae_b)["total"] < 62e9
-  assert flops.train_flops_per_image(dds_b)["pixel_decoder"] == pytest.approx(
-      4 * flops.train_flops_per_image(mae_b)["pixel_decoder"])
-  assert {"tokenizer", "cls_pt_head"} <= set(flops.train_flops_per_image(beit))
+  train_flops = lambda c: flops.train_flops_per_image(c, config_lib.resolve(c))
+  assert 55e9 < train_flops(mae_b)["total"] < 62e9
+  assert train_flops(dds_b)["pixel_decoder"] == pytest.approx(
+      4 * train_flops(mae_b)["pixel_decoder"])
+  assert {"tokenizer", "cls_pt_head"} <= set(train_flops(beit))
   # BEiT-v2's student and augmentation (README: each value's source in microsoft/unilm beit2).
   for c in (beit, dds_beit):
     assert (c.model.pos_embed, c.model.rel_pos_bias, c.model.layer_scale) == ("none", True, 0.1)
@@ -218,7 +221,7 @@ def _mae_forward(model, params, images, mask):
 
 def test_mae_variant_loss_is_mae_norm_pix_loss():
   c = tiny_version("configs/mae_vits.py:mae")
-  model = ts.make_model(c)
+  model = methods.make(c, config_lib.resolve(c))
   params = model.init(jax.random.PRNGKey(0))
   images = jnp.asarray(np.random.RandomState(0).randn(4, 16, 16, 3), jnp.float32)
   mask = masking.random_mask(jax.random.PRNGKey(1), 4, model.grid, 0.75)
@@ -253,7 +256,7 @@ def test_beitv2_loss_is_masked_cross_entropy_by_hand(variant):
   + the same."""
   c = tiny_version("configs/beitv2_vitb.py" + (":" + variant if variant else ""))
   c.tokenizer.vocab_size = 16
-  model = ts.make_model(c)
+  model = methods.make(c, config_lib.resolve(c))
   params = model.init(jax.random.PRNGKey(0))
   if "beta" in params:
     params["beta"]["shared"] = jnp.asarray([-0.5, 0.4, -1.0, 0.0])
@@ -302,7 +305,7 @@ def test_beitv2_flops_match_xla_cost_analysis():
   ablations.VARIANTS["dds_beitv2"](c)
   c.model.size, c.model.image_size, c.model.dtype = "small", 96, "float32"
   c.tokenizer.size = "small"
-  model = ts.make_model(c)
+  model = methods.make(c, config_lib.resolve(c))
   params = jax.eval_shape(model.init, jax.random.PRNGKey(0))
   tokenizer = jax.eval_shape(model.init_tokenizer, jax.random.PRNGKey(0))
   raw = jax.ShapeDtypeStruct((2, 96, 96, 3), jnp.uint8)
@@ -316,13 +319,14 @@ def test_beitv2_flops_match_xla_cost_analysis():
   lowered = jax.jit(forward).lower(params, tokenizer, raw)
   cost = lowered.cost_analysis() or lowered.compile().cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  analytic = sum(flops.forward_flops_per_image(c).values()) * 2
+  analytic = sum(flops.forward_flops_per_image(c, config_lib.resolve(c)).values()) * 2
   assert 0.85 < analytic / cost["flops"] < 1.02, (analytic, cost["flops"])
   # Table 4: a branch without DDS decodes one block instead of K = 4.
   both, none = (runpy.run_path(repo_path("configs/vitb.py"))["get_config"](v)
                 for v in ("dds_both", "dds_none"))
-  assert flops.forward_flops_per_image(both)["distill_decoder"] == pytest.approx(
-      4 * flops.forward_flops_per_image(none)["distill_decoder"])
+  forward = lambda c: flops.forward_flops_per_image(c, config_lib.resolve(c))
+  assert forward(both)["distill_decoder"] == pytest.approx(
+      4 * forward(none)["distill_decoder"])
 
 
 def test_beitv2_optimizer_is_beits_adamw_with_clipping():
@@ -333,7 +337,7 @@ def test_beitv2_optimizer_is_beits_adamw_with_clipping():
   assert (o.b1, o.b2, o.eps, o.grad_clip_norm, o.weight_decay) == (0.9, 0.98, 1e-8, 3.0, 0.05)
   assert config_lib.learning_rate(c) == pytest.approx(1.5e-3) and o.min_lr == 1e-5
   c.num_train_images, c.batch_size, c.epochs, o.warmup_epochs = 2048 * 3, 2048, 2.0, 1.0
-  schedule = optim.lr_schedule(c)
+  schedule = optim.lr_schedule(c, config_lib.steps(c))
   # BEiT's cosine_scheduler after warm-up: min + (lr - min) / 2 (1 + cos(pi i / (T - w))).
   for step in (3, 4, 5):
     want = 1e-5 + 0.5 * (1.5e-3 - 1e-5) * (1 + np.cos(np.pi * (step - 3) / 3))
@@ -342,7 +346,7 @@ def test_beitv2_optimizer_is_beits_adamw_with_clipping():
   params = {"w": rs.randn(4, 6).astype(np.float32), "b": rs.randn(6).astype(np.float32)}
   grads = [{k: (s * rs.randn(*v.shape)).astype(np.float32) for k, v in params.items()}
            for s in (2.0, 1e-3, 0.5)]  # the first two are clipped at norm 3, the last is not
-  tx = optim.make_optimizer(c)
+  tx = optim.make_optimizer(c, optim.lr_schedule(c, config_lib.steps(c)))
   state, ours = tx.init(params), dict(params)
   weight, bias = (torch.nn.Parameter(torch.from_numpy(params[k].copy())) for k in ("w", "b"))
   adamw = torch.optim.AdamW([{"params": [weight], "weight_decay": 0.05},
@@ -363,6 +367,6 @@ def test_beitv2_optimizer_is_beits_adamw_with_clipping():
   first = {}
   for eps in (1e-8, 1.0):
     c.optim.eps = eps
-    tx = optim.make_optimizer(c)
+    tx = optim.make_optimizer(c, optim.lr_schedule(c, config_lib.steps(c)))
     first[eps] = np.abs(tx.update(grads[2], tx.init(params), params)[0]["w"]).sum()
   assert 0 < first[1.0] < 0.5 * first[1e-8]

@@ -11,8 +11,9 @@ import optax
 import pytest
 from repo_paths import repo_path
 
-from ddae_jax import config_lib, optim
+from ddae_jax import config_checks, config_lib, optim
 from ddae_jax.evaluation import classifier
+from ddae_jax.methods import schedules
 from ddae_jax.sharding import path_str
 
 DEPTH = 3
@@ -27,15 +28,16 @@ def test_linear_momentum_schedule_endpoints():
   c = config_lib.base_config()
   c.ema.schedule, c.ema.ramp_epochs = "linear", 50.0  # the option; BootMAE's is the default
   ramp = config_lib.epochs_to_steps(c, c.ema.ramp_epochs)
-  assert float(optim.ema_momentum(c, jnp.asarray(0))) == pytest.approx(0.999)
-  assert float(optim.ema_momentum(c, jnp.asarray(ramp // 2))) == pytest.approx(
+  steps = config_lib.steps(c)
+  assert float(schedules.ema_momentum(c, jnp.asarray(0), steps)) == pytest.approx(0.999)
+  assert float(schedules.ema_momentum(c, jnp.asarray(ramp // 2), steps)) == pytest.approx(
       (0.999 + 0.99999) / 2, abs=1e-7)
-  assert float(optim.ema_momentum(c, jnp.asarray(10 * ramp))) == pytest.approx(0.99999)
+  assert float(schedules.ema_momentum(c, jnp.asarray(10 * ramp), steps)) == pytest.approx(0.99999)
 
 
 def test_learning_rate_schedule_is_scaled_warmup_cosine():
   c = config_lib.base_config()
-  sched = optim.lr_schedule(c)
+  sched = optim.lr_schedule(c, config_lib.steps(c))
   warm = config_lib.epochs_to_steps(c, 20)
   peak = 1.5e-4 * 4096 / 256
   assert float(sched(warm)) == pytest.approx(peak)
@@ -44,7 +46,7 @@ def test_learning_rate_schedule_is_scaled_warmup_cosine():
   assert total == round(100 * 1_281_167 / 4096)
   assert float(sched(total)) == pytest.approx(1e-4, rel=1e-6)  # BootMAE's --min_lr 1e-4
   c.optim.min_lr = 0.0
-  assert float(optim.lr_schedule(c)(total)) == pytest.approx(0.0, abs=1e-9)
+  assert float(optim.lr_schedule(c, config_lib.steps(c))(total)) == pytest.approx(0.0, abs=1e-9)
 
 
 def test_beta_is_excluded_from_weight_decay_and_trained_by_adam():
@@ -56,7 +58,7 @@ def test_beta_is_excluded_from_weight_decay_and_trained_by_adam():
   labels = optim.param_labels(params)
   assert labels == {"beta": {"pixel": "beta"}, "encoder": {"k": "decay", "b": "no_decay"}}
   # With a zero gradient, weight decay alone moves a decayed matrix but not beta.
-  tx = optim.make_optimizer(c)
+  tx = optim.make_optimizer(c, optim.lr_schedule(c, config_lib.steps(c)))
   state = tx.init(params)
   zeros = jax.tree.map(jnp.zeros_like, params)
   for _ in range(3):
@@ -66,7 +68,7 @@ def test_beta_is_excluded_from_weight_decay_and_trained_by_adam():
   assert np.all(np.asarray(updates["encoder"]["b"]) == 0)
   # Beta's update is Adam's, lr from the same schedule: first step = -lr * sign(g).
   c.optim.warmup_epochs = 0.0
-  tx = optim.make_optimizer(c)
+  tx = optim.make_optimizer(c, optim.lr_schedule(c, config_lib.steps(c)))
   g = {"beta": {"pixel": jnp.asarray([1.0, -2.0, 0.5, 3.0])},
        "encoder": jax.tree.map(jnp.zeros_like, params["encoder"])}
   updates, _ = tx.update(g, tx.init(params), params)
@@ -191,13 +193,13 @@ def test_lars_matches_a_numpy_transcription_of_mae():
 ])
 def test_pretraining_weight_decay_follows_the_lineage(variant, decayed, kept):
   c = runpy.run_path(repo_path("configs/vitb.py"))["get_config"](variant)
-  config_lib.validate(c)
+  config_checks.validate(c)
   params = {"cls_token": jnp.ones((1, 1, 4)), "pos_embed": jnp.ones((1, 5, 4)),
             "mask_token": jnp.ones((1, 1, 4)), "kernel": jnp.ones((4, 4)),
             "bias": jnp.ones((4,))}
   # The optimizer the run builds: with a zero gradient only weight decay moves a parameter.
   c.optim.warmup_epochs = 0.0
-  tx = optim.make_optimizer(c)
+  tx = optim.make_optimizer(c, optim.lr_schedule(c, config_lib.steps(c)))
   updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
   moved = sorted(k for k, u in updates.items() if np.any(np.asarray(u) != 0))
   assert moved == sorted(decayed)
@@ -208,4 +210,4 @@ def test_an_unknown_no_decay_name_is_named():
   c = runpy.run_path(repo_path("configs/vitb.py"))["get_config"]()
   c.optim.no_decay_names = ("cls_token", "patch_embed")
   with pytest.raises(config_lib.ConfigError, match=r"optim.no_decay_names = .*among"):
-    config_lib.validate(c)
+    config_checks.validate(c)

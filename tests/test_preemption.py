@@ -102,7 +102,7 @@ def test_an_evaluation_inside_the_loop_that_stops_makes_the_loop_save_and_stop(
   import jax
   import jax.numpy as jnp
 
-  from ddae_jax import metrics, runtime
+  from ddae_jax import config_lib, metrics, runtime
   from ddae_jax.evaluation import scoring
   from ddae_jax.weights import checkpoints
   previous = signal.getsignal(signal.SIGTERM)
@@ -125,7 +125,7 @@ def test_an_evaluation_inside_the_loop_that_stops_makes_the_loop_save_and_stop(
   try:
     end = runtime.train_loop({"step": jnp.int32(0)}, step_fn, _Loader(), ckpt,
                              metrics.JsonlWriter(str(tmp_path)), start_step=0,
-                             total_steps=total, batch_size=1, num_images=1, log_every=1,
+                             steps=config_lib.Steps(1, 1, total, 0, 0.0), log_every=1,
                              steps_in_flight=2, after_step=evaluate)
   finally:
     ckpt.close()

@@ -152,13 +152,13 @@ def test_wrong_override_types_name_the_field(field, value, expected):
     (config[section] if section else config)[name] = value
   with pytest.raises(config_lib.ConfigError, match=f"config.{field} = .* has the wrong type: "
                      f"expected {expected}"):
-    config_lib.validate(config)
+    config_checks.validate(config)
 
 
 def test_right_types_pass_including_ints_for_floats():
   config = config_lib.tiny_config()
   config.optim.base_lr, config.dds.beta_init, config.dds.blocks = 1, (-1, 0.5, 0, 2), (1, 2, 3, 4)
-  config_lib.validate(config)
+  config_checks.validate(config)
 
 
 def test_a_wrong_type_on_the_command_line_fails_before_writing(tmp_path):
@@ -178,7 +178,7 @@ def test_smoke_is_a_fixed_number_of_steps_whatever_the_dataset():
     config.num_train_images = images
     assert config_lib.total_steps(config) == 20
   assert config.log_every_steps == 1
-  config_lib.validate(config)
+  config_checks.validate(config)
   assert config_lib.total_steps(get_config("")) == round(100 * 1_281_167 / 4096)
 
 

@@ -9,8 +9,9 @@ import pytest
 import retrace
 from repo_paths import repo_path
 
-from ddae_jax import config_lib, optim
+from ddae_jax import config_lib
 from ddae_jax import train_step as ts
+from ddae_jax.methods import schedules
 
 
 def tiny(arg=""):
@@ -126,7 +127,7 @@ def test_ema_update_is_equation_4_and_gets_no_gradient():
   assert not np.allclose(before["ema_params"]["cls_token"],
                          before["params"]["encoder"]["cls_token"])
   after = host(state)
-  m = float(optim.ema_momentum(c, jnp.asarray(before["step"])))
+  m = float(schedules.ema_momentum(c, jnp.asarray(before["step"]), config_lib.steps(c)))
   assert m == pytest.approx(float(metrics["ema_momentum"]))
   want = jax.tree.map(lambda e, p: m * e + (1 - m) * p, before["ema_params"],
                       after["params"]["encoder"])

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddae_jax import config_lib
 from ddae_jax.methods.base import make_encoder
 from ddae_jax.models.vit import ViTEncoder
 
@@ -91,7 +92,7 @@ def analysis_encoder(config, encoder_params: dict) -> ViTEncoder:
   pos_embed = "learned" if "pos_embed" in encoder_params else "sincos"
   if config.model.get("pos_embed") == "none":  # BEiT's student: relative positions only
     pos_embed = "none"
-  encoder = make_encoder(config, pos_embed=pos_embed)
+  encoder = make_encoder(config, config_lib.resolve(config), pos_embed=pos_embed)
   return encoder.clone(feature_blocks=(encoder.depth,), dtype=jnp.float32, remat=False,
                        attention_impl=None, capture_attention=True)
 

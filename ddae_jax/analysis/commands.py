@@ -78,6 +78,7 @@ def _rounded(x, digits=5):
 def cmd_reconstruct(args) -> dict:
   import jax
 
+  from ddae_jax import config_lib
   from ddae_jax.analysis import plots, reconstruction
   from ddae_jax.methods.ddae import DDAE
   from ddae_jax.objectives.masking import mask_from_config
@@ -88,7 +89,7 @@ def cmd_reconstruct(args) -> dict:
   if args.masking:
     config.masking.kind = args.masking
   config.model.dtype = "float32"
-  model = DDAE(config)
+  model = DDAE(config, config_lib.resolve(config))
   state, step = pretrained.restore_state(args.workdir[0], args.step)
   images = load_images(config, args.split, args.num_images, config.model.image_size,
                        args.image_files)

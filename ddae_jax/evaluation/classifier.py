@@ -90,14 +90,16 @@ def pool(out: dict, pooling: str) -> jax.Array:
   raise ValueError(f"pooling={pooling!r}: allowed 'avg', 'cls'")
 
 
-def classifier_from_config(config, num_classes: int | None = None) -> ViTClassifier:
+def classifier_from_config(config, num_classes: int | None = None,
+                           platform: str | None = None) -> ViTClassifier:
+  """The evaluation config's classifier; its attention follows `platform` (default jax's)."""
   m = config.model
   width, depth, heads = VIT_SIZES[m.size]
   return ViTClassifier(
       patch_size=m.patch_size, width=width, depth=depth, num_heads=heads,
       num_classes=num_classes or m.num_classes, pooling=m.pooling,
       drop_path=m.get("drop_path", 0.0), dtype=jnp.dtype(m.dtype),
-      attention_impl=config_attention.attention_impl(config), remat=m.remat)
+      attention_impl=config_attention.attention_impl(config, platform), remat=m.remat)
 
 
 def frozen_readout(config) -> tuple[int, str]:

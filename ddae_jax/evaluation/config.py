@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import ml_collections
 
-from ddae_jax import config_lib
+from ddae_jax import config_checks, config_lib
+from ddae_jax.config_checks import one_of
 from ddae_jax.config_evals import POOLINGS
-from ddae_jax.config_lib import ConfigError, fail, one_of  # noqa: F401 (ConfigError: re-exported)
+from ddae_jax.config_lib import ConfigError, fail  # noqa: F401 (ConfigError: re-exported)
 from ddae_jax.data.sources import SOURCES
 from ddae_jax.models.vit import VIT_SIZES
 from ddae_jax.weights.pretrained import ENCODERS
@@ -234,7 +235,7 @@ def check(config, num_devices: int | None = None, require_init_dir: bool = False
       fail("model.block", block, "0 in fine-tuning (the classifier runs every block)")
   elif not (isinstance(block, int) and 0 <= block <= depth):
     fail("model.block", block, f"0 (the pretraining lineage's) or a block in [1, {depth}]")
-  config_lib.check_patch_grid(m)
+  config_checks.check_patch_grid(m)
   if m.num_classes < 2:
     fail("model.num_classes", m.num_classes, "an integer >= 2")
   if not 0 < config.data.crop_ratio <= 1:

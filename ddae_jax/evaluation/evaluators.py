@@ -146,9 +146,11 @@ KINDS = {"knn": KnnEvaluator}
 class Evaluators:
   """Every evaluator of config.evals, run by the train loop between steps."""
 
-  def __init__(self, config, method, mesh, writer, workdir, num_images: int, total_steps: int):
-    self.writer, self.workdir, self.total_steps = writer, epath.Path(workdir), total_steps
-    self.all = [KINDS[ev.kind](name, ev, config, method, mesh, num_images)
+  def __init__(self, config, method, mesh, writer, workdir):
+    """method: the run's methods.base.Method; its derived.steps count the epochs."""
+    steps = method.derived.steps
+    self.writer, self.workdir, self.total_steps = writer, epath.Path(workdir), steps.total
+    self.all = [KINDS[ev.kind](name, ev, config, method, mesh, steps.num_images)
                 for name, ev in config.get("evals", {}).items()]
     self.all = [e for e in self.all if e.every > 0]
 

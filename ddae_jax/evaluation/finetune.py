@@ -12,18 +12,18 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ddae_jax import optim, runtime, sharding
+from ddae_jax import config_lib, optim, runtime, sharding
 from ddae_jax.data.normalize import normalize_images
 from ddae_jax.evaluation import classifier, input_pipeline, loop, mixup, scoring
 from ddae_jax.models.vit import VIT_SIZES
 
 
-def make_optimizer(config, params, num_images: int | None = None
+def make_optimizer(config, params, steps: config_lib.Steps
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """(AdamW with BEiT's layer-wise decay, its lr schedule: warm-up to base_lr * batch / 256,
-  then cosine to min_lr); epochs count `num_images` (None: config.num_train_images)."""
+  then cosine to min_lr over `steps`)."""
   o = config.optim
-  schedule = optim.lr_schedule(config, num_images)
+  schedule = optim.lr_schedule(config, steps)
   depth = VIT_SIZES[config.model.size][1]
   return optim.adamw_layer_decay(schedule, params, depth, o.layer_decay, o.weight_decay,
                                       o.b1, o.b2, o.grad_clip_norm), schedule
@@ -57,19 +57,21 @@ def eval_step(model, params, batch) -> dict:
   return scoring.classification_sums(logits, batch["label"], batch["mask"])
 
 
-def make_step(config, mesh, batch_spec, num_train_images: int | None = None) -> runtime.Built:
+def make_step(config, mesh, batch_spec, steps: config_lib.Steps | None = None) -> runtime.Built:
   """The classifier, its state's init function, shapes and shardings, and the jitted
   train step; nothing is placed on devices (ddae_jax/perf/aot.py compiles from this).
+  steps: the run's step arithmetic (None: over config.num_train_images).
 
   Returns:
     runtime.Built without a state: model, tx, init_state(rng, encoder_params or
     None), abstract, shardings, step, batch_sharding.
   """
-  model = classifier.classifier_from_config(config)
+  # The mesh's platform, which is a TPU slice's when ddae_jax/perf/aot.py compiles for one.
+  model = classifier.classifier_from_config(config, platform=mesh.devices.flat[0].platform)
   size = config.model.image_size
   init_params = lambda rng: model.init({"params": rng}, jnp.zeros((1, size, size, 3)))["params"]
   abstract_params = jax.eval_shape(init_params, jax.random.PRNGKey(0))
-  tx, schedule = make_optimizer(config, abstract_params, num_train_images)
+  tx, schedule = make_optimizer(config, abstract_params, steps or config_lib.steps(config))
 
   def init_state(rng, encoder_params):
     param_rng, step_rng = jax.random.split(rng)
@@ -87,18 +89,19 @@ def make_step(config, mesh, batch_spec, num_train_images: int | None = None) -> 
                  in_shardings=(shardings, batch_spec),
                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
   return runtime.Built(mesh=mesh, state=None, shardings=shardings, step=step,
-                       abstract=abstract, model=model, tx=tx, init_state=init_state,
+                       abstract=abstract, model=model, tx=tx, schedule=schedule,
+                       init_state=init_state,
                        batch_sharding=batch_spec)
 
 
-def build(config, devices=None, num_train_images: int | None = None):
+def build(config, devices=None, steps: config_lib.Steps | None = None):
   """Mesh, model, state (pretrained encoder inside), jitted train and eval steps.
 
   Returns:
     runtime.Built: make_step's, with the state and eval_step.
   """
   mesh, batch_spec = loop.setup(config, devices)
-  parts = make_step(config, mesh, batch_spec, num_train_images)
+  parts = make_step(config, mesh, batch_spec, steps)
   model, shardings = parts.model, parts.shardings
   encoder = classifier.restore_encoder(config, parts.abstract["params"]["encoder"],
                                        config.model.image_size, config.model.patch_size)

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ddae_jax import optim, runtime, sharding
+from ddae_jax import config_lib, optim, runtime, sharding
 from ddae_jax.data.normalize import normalize_images
 from ddae_jax.evaluation import classifier, input_pipeline, loop, scoring
 
@@ -44,8 +44,9 @@ def eval_step(encoder, head, pooling, encoder_params, state, batch) -> dict:
   return scoring.classification_sums(logits, batch["label"], batch["mask"])
 
 
-def build(config, devices=None, num_train_images: int | None = None):
-  """Mesh, frozen encoder, head state, jitted train and eval steps."""
+def build(config, devices=None, steps: config_lib.Steps | None = None):
+  """Mesh, frozen encoder, head state, jitted train and eval steps; steps: the run's step
+  arithmetic (None: over config.num_train_images)."""
   mesh, batch_spec = loop.setup(config, devices)
   block, pooling = classifier.frozen_readout(config)
   encoder = classifier.frozen_encoder(config, block)
@@ -53,7 +54,7 @@ def build(config, devices=None, num_train_images: int | None = None):
   head = classifier.ProbeHead(config.model.num_classes)
   width = encoder.width
   o = config.optim
-  schedule = optim.lr_schedule(config, num_train_images)
+  schedule = optim.lr_schedule(config, steps or config_lib.steps(config))
   tx = optim.lars(schedule, o.momentum, o.weight_decay, o.trust_coefficient)
 
   def init_state(rng):
@@ -72,7 +73,7 @@ def build(config, devices=None, num_train_images: int | None = None):
   return runtime.Built(mesh=mesh, state=state, shardings=shardings,
                        step=lambda s, b: step(encoder_params, s, b),
                        eval_step=lambda s, b: evaluate(encoder_params, s, b),
-                       model=head, tx=tx, batch_sharding=batch_spec)
+                       model=head, tx=tx, schedule=schedule, batch_sharding=batch_spec)
 
 
 def train_and_evaluate(config, workdir: str) -> dict:

@@ -35,7 +35,7 @@ def setup(config, devices=None):
 
 
 def run(config, workdir, build, view) -> dict:
-  """A protocol end to end: its train source, `build(config, num_train_images=n)`
+  """A protocol end to end: its train source, `build(config, steps=the run's Steps)`
   (-> runtime.Built with state, shardings, step, eval_step, batch_sharding), training views from
   `view(config)`, then `fit`."""
   local_batch = config.batch_size // jax.process_count()
@@ -44,7 +44,8 @@ def run(config, workdir, build, view) -> dict:
                                split=config.data.train_split)
   # Before the encoder is restored (minutes for a large one from gs://).
   config_lib.check_steps(config, source.num_examples)
-  built = build(config, num_train_images=source.num_examples)
+  steps = config_lib.steps(config, source.num_examples)  # the run's step arithmetic, once
+  built = build(config, steps=steps)
   batch_spec = built.batch_sharding
 
   def evaluate(state):
@@ -60,11 +61,11 @@ def run(config, workdir, build, view) -> dict:
         labels=True)
 
   return fit(config, workdir, built.state, built.shardings, built.step, evaluate,
-             make_loader, num_images=source.num_examples)
+             make_loader, steps)
 
 
 def fit(config, workdir, state, state_shardings, step_fn, evaluate_fn, make_loader,
-        num_images: int | None = None) -> dict:
+        steps: config_lib.Steps) -> dict:
   """Trains `state` for config.epochs and evaluates every config.eval_every_epochs.
 
   Args:
@@ -74,17 +75,14 @@ def fit(config, workdir, state, state_shardings, step_fn, evaluate_fn, make_load
     evaluate_fn: state -> {"top1", "top5", "loss", "count"} on the validation split, or
       None when a preemption stopped it (runtime.StopDecision).
     make_loader: records already consumed -> a TrainLoader.
-    num_images: the train set's size, which epochs count (None:
-      config.num_train_images); the config is not changed.
+    steps: the run's step arithmetic over its train set (config_lib.steps).
 
   Returns:
     the last evaluation's results (also written to <workdir>/results.json).
   """
   workdir = epath.Path(workdir)
   local_batch = config.batch_size // jax.process_count()
-  num_images = config.num_train_images if num_images is None else num_images
-  total_steps = config_lib.total_steps(config, num_images)
-  eval_every = max(1, config_lib.epochs_to_steps(config, config.eval_every_epochs, num_images))
+  eval_every = max(1, steps.of_epochs(config.eval_every_epochs))
   ckpt = checkpoints.Checkpointer(workdir / "checkpoints", config.checkpoint_every_steps,
                                   config.keep_checkpoints)
   position = None
@@ -98,7 +96,7 @@ def fit(config, workdir, state, state_shardings, step_fn, evaluate_fn, make_load
   if step == 0:
     writer.write_hparams(config.to_dict())
   results = {}
-  logging.info("%s: steps %d..%d, %d images per step", config.protocol, step, total_steps,
+  logging.info("%s: steps %d..%d, %d images per step", config.protocol, step, steps.total,
                config.batch_size)
 
   def evaluate(state, step, done):
@@ -111,8 +109,7 @@ def fit(config, workdir, state, state_shardings, step_fn, evaluate_fn, make_load
 
   try:
     end = runtime.train_loop(
-        state, step_fn, loader, ckpt, writer, start_step=step, total_steps=total_steps,
-        batch_size=config.batch_size, num_images=num_images,
+        state, step_fn, loader, ckpt, writer, start_step=step, steps=steps,
         log_every=config.log_every_steps, steps_in_flight=config.steps_in_flight,
         prefix="train/", after_step=evaluate, save_every=config.checkpoint_every_steps)
     if end.preempted:

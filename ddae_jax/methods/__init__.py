@@ -5,6 +5,6 @@ from ddae_jax.methods.beitv2 import BEiTv2
 from ddae_jax.methods.ddae import DDAE
 
 
-def make(config, num_images: int | None = None) -> Method:
-  """The method of config.method; schedules count epochs of `num_images` (None: the config's)."""
-  return BEiTv2(config) if config.method == "beitv2" else DDAE(config, num_images)
+def make(config, derived) -> Method:
+  """The method of config.method, built from the run's resolved values (config_lib.Derived)."""
+  return BEiTv2(config, derived) if config.method == "beitv2" else DDAE(config, derived)

@@ -53,10 +53,8 @@ class Method(Protocol):
     """(state entries, metrics) after the optimizer made `params` of step state["step"]."""
 
 
-def make_encoder(config, derived: config_lib.Derived | None = None,
-                 pos_embed: str | None = None) -> ViTEncoder:
+def make_encoder(config, d: config_lib.Derived, pos_embed: str | None = None) -> ViTEncoder:
   """The config's ViT, reporting its supervised blocks g_i (pos_embed: default the config's)."""
-  d = derived or config_lib.resolve(config)
   return ViTEncoder(
       patch_size=config.model.patch_size, width=d.width, depth=d.depth, num_heads=d.heads,
       feature_blocks=d.blocks, feature_norm=config.model.feature_norm,

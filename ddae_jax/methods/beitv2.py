@@ -32,10 +32,10 @@ from ddae_jax.weights import state_dict, vqkd
 class BEiTv2:
   """Builds the modules of a `method = "beitv2"` config and computes its loss."""
 
-  def __init__(self, config, num_images: int | None = None):
-    del num_images  # no schedule of BEiT-v2's counts epochs
+  def __init__(self, config, derived: config_lib.Derived):
+    """derived: the run's resolved values (config_lib.resolve)."""
     self.config = config
-    d = self.derived = config_lib.resolve(config)
+    d = self.derived = derived
     dtype = jnp.dtype(config.model.dtype)
     self.grid, self.num_patches, self.num_masked = d.grid, d.num_patches, d.num_masked
     self.blocks, self.block_weights, self.beta_branches = d.blocks, d.block_weights, d.beta_branches

@@ -16,7 +16,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from ddae_jax import config_lib, optim
+from ddae_jax import config_lib
+from ddae_jax.methods import schedules
 from ddae_jax.methods.base import make_encoder
 from ddae_jax.models.decoder import Decoder, decode_per_block
 from ddae_jax.objectives import ddae as objective
@@ -27,11 +28,11 @@ from ddae_jax.objectives.masking import visible_and_masked_ids
 class DDAE:
   """DDAE's modules, state and loss (a methods.base.Method); MAE when distillation is off."""
 
-  def __init__(self, config, num_images: int | None = None):
-    """num_images: the train set's size, which the epoch schedules count (None: the config's)."""
+  def __init__(self, config, derived: config_lib.Derived):
+    """derived: the run's resolved values (config_lib.resolve); its steps count the epochs
+    of the momentum and distillation schedules."""
     self.config = config
-    self.num_images = num_images
-    d = self.derived = config_lib.resolve(config)
+    d = self.derived = derived
     dtype = jnp.dtype(config.model.dtype)
     self.grid, self.num_patches, self.blocks = d.grid, d.num_patches, d.blocks
     self.block_weights, self.beta_branches = d.block_weights, d.beta_branches
@@ -87,14 +88,14 @@ class DDAE:
     return {"targets": ema_out, "distill_weight": self._distill_weight(state["step"])}
 
   def _distill_weight(self, step):
-    return optim.distill_weight(self.config, step, self.num_images)
+    return schedules.distill_weight(self.config, step, self.derived.steps)
 
   def after_update(self, state: dict, params: dict) -> tuple[dict, dict]:
     """Eq. 4: the momentum encoder follows the updated online encoder."""
     if self.distill_decoder is None:
       return {}, {}
-    momentum = optim.ema_momentum(self.config, state["step"], self.num_images)
-    ema = optim.ema_update(state["ema_params"], params["encoder"], momentum)  # eq. 4
+    momentum = schedules.ema_momentum(self.config, state["step"], self.derived.steps)
+    ema = schedules.ema_update(state["ema_params"], params["encoder"], momentum)  # eq. 4
     return {"ema_params": ema}, {"ema_momentum": jnp.asarray(momentum, jnp.float32),
                                  "distill_weight": self._distill_weight(state["step"])}
 
@@ -125,7 +126,7 @@ class DDAE:
       mask: bool[B, N], True = masked, the same count in every row.
       distance: float32[B, N], the distance map of `mask`.
       targets: the momentum encoder's outputs on all patches (`encode`; distillation).
-      distill_weight: w_d of L_distill in eq. 6 (BootMAE's ramp, `optim.distill_weight`).
+      distill_weight: w_d of L_distill in eq. 6 (BootMAE's ramp, `schedules.distill_weight`).
 
     Returns:
       (loss, metrics): the scalar of eq. 6 and a dict of its parts.

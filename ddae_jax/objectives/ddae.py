@@ -132,7 +132,7 @@ def total_loss(pixel: jax.Array, distill: jax.Array, weight_norms: jax.Array,
   Args:
     pixel, distill: scalars from `deep_loss` (0 for a disabled branch).
     distill_weight: w_d, BootMAE's ramp of the distillation weight (1 in eq. 6
-      as printed; `optim.distill_weight` gives the schedule).
+      as printed; `methods.schedules.distill_weight` gives the schedule).
     weight_norms: float32[B, K'] from `dynamic_weights.weight_l2_norm`, one
       column per learnable beta (K' = K, or 2K with one beta per branch);
       averaged over the batch. Empty when the weights are uniform.

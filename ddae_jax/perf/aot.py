@@ -5,6 +5,7 @@ The library of `python -m ddae_jax.aot`; its usage and options: ddae_jax/aot.py.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.metadata
 import json
@@ -25,9 +26,10 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from ddae_jax import config_attention, config_lib, runtime, sharding
+from ddae_jax import config_checks, config_lib, runtime, sharding
 from ddae_jax import train_step as ts
-from ddae_jax.evaluation import finetune, loop
+from ddae_jax.evaluation import config as eval_config
+from ddae_jax.evaluation import finetune
 from ddae_jax.models.vit import VIT_SIZES, Block
 from ddae_jax.perf import flops
 
@@ -139,32 +141,32 @@ def slice_devices(s: Slice) -> list:
 
 
 def lower_step(config, binary: str, devices):
-  """(The run's jitted step lowered for `devices` with abstract state and batch, the mesh).
+  """(The run's jitted step lowered for `devices` with abstract state and batch, the mesh,
+  the pretraining config's resolved values or None for fine-tuning).
 
-  The model's attention follows the target platform (config_attention.attention_impl),
-  not the host's.
+  Nothing is read or placed on devices; the model's attention follows the target
+  platform (devices[0].platform), not the host's. The config is not changed.
   """
-  platform = devices[0].platform
-  with config.unlocked():
-    config.model.attention_impl = config_attention.attention_impl(config, platform) or ""
   size, batch = config.model.image_size, config.batch_size
+  derived = None
   if binary == "finetune":
-    with config.unlocked():
-      config.random_init = True  # no checkpoint is read; the step is the same
-    mesh, batch_spec = loop.setup(config, devices)
-    parts = finetune.make_step(config, mesh, batch_spec)
-    abstract, shardings, step = parts.abstract, parts.shardings, parts.step
+    # As loop.setup, but no checkpoint is read (the step is the same), so none is required.
+    eval_config.check(config, num_devices=len(devices))
+    mesh = sharding.make_mesh(config.sharding.mesh, devices)
+    parts = finetune.make_step(config, mesh, sharding.batch_sharding(mesh))
+    abstract, step = parts.abstract, parts.step
     spec = {"image": ((batch, size, size, 3), jnp.uint8), "label": ((batch,), jnp.int32),
             "erase": ((batch, 4), jnp.int32)}
   else:
-    mesh, model, tx = ts.setup(config, devices)
-    _, abstract, shardings = ts.state_layout(config, model, tx, mesh)
-    step = ts.make_train_step(model, tx, mesh, shardings)
-    batch_spec = sharding.batch_sharding(mesh)
+    config_checks.validate(config, num_devices=len(devices))
+    derived = config_lib.resolve(config, devices[0].platform)
+    built = ts.build(config, devices, materialize=False, derived=derived)
+    mesh, abstract, step = built.mesh, built.abstract, built.step
     spec = {"image": ((batch, size, size, 3), jnp.uint8)}
+  batch_spec = sharding.batch_sharding(mesh)
   batch_arg = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_spec)
                for k, (shape, dtype) in spec.items()}
-  return step.lower(runtime.with_shardings(abstract, shardings), batch_arg), mesh
+  return step.lower(abstract, batch_arg), mesh, derived
 
 
 # An HLO instruction "%name = <shape> opcode(...": the shape is a tensor such as
@@ -279,7 +281,7 @@ def report(config, binary: str, s: Slice, devices, margin: float,
   chip = CHIPS[s.generation]
   per_chip_batch = config.batch_size / len(devices)
   t0 = time.perf_counter()
-  lowered, mesh = lower_step(config, binary, devices)
+  lowered, mesh, derived = lower_step(config, binary, devices)
   compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
   mem = compiled.memory_analysis()
@@ -291,11 +293,12 @@ def report(config, binary: str, s: Slice, devices, margin: float,
   hlo = compiled.as_text()
   flop = cost.get("flops", 0.0) / per_chip_batch  # the cost model is per device
   moved = cost.get("bytes accessed", 0.0) / per_chip_batch
-  analytic = analytic_flops_per_image(config, binary)
+  analytic = analytic_flops_per_image(config, derived)
   floor = fused_floor = None
-  if binary == "main":
-    floor = flops.floor_bytes_per_image(config, per_chip_batch)
-    fused_floor = flops.floor_bytes_per_image(config, per_chip_batch, fused_attention=True)
+  if derived is not None:
+    floor = flops.floor_bytes_per_image(config, derived, per_chip_batch)
+    fused_floor = flops.floor_bytes_per_image(config, derived, per_chip_batch,
+                                              fused_attention=True)
   peak = flops.peak_tflops(devices[0]) * 1e12
   ridge = peak / (chip.hbm_gbps * 1e9)
   bound_s = max(flop / peak, moved / (chip.hbm_gbps * 1e9)) * per_chip_batch
@@ -350,6 +353,7 @@ def block_report(config, part: str, s: Slice, device) -> dict:
   try a change to the block (attention_impl, dtype) before compiling the whole step.
   BEiT-v2 (method = "beitv2") has the encoder only: every token, its shared relative
   position bias [1, heads, T, T] trained with the block."""
+  config_checks.validate(config)
   d = config_lib.resolve(config, device.platform)
   width, heads, n, k = d.width, d.heads, d.num_patches, len(d.blocks)
   beit = config.get("method", "ddae") == "beitv2"
@@ -387,10 +391,11 @@ def block_report(config, part: str, s: Slice, device) -> dict:
           "chip": device.device_kind, **_versions()}
 
 
-def analytic_flops_per_image(config, binary: str) -> float | None:
-  """flops.py's count: the pretraining step's total, or a classifier's 3x forward."""
-  if binary == "main":
-    return flops.train_flops_per_image(config)["total"]
+def analytic_flops_per_image(config, derived: config_lib.Derived | None) -> float | None:
+  """flops.py's count: the pretraining step's total (`derived`: its resolved values), or
+  a classifier's 3x forward (None)."""
+  if derived is not None:
+    return flops.train_flops_per_image(config, derived)["total"]
   width, depth, _ = VIT_SIZES[config.model.size]
   n = (config.model.image_size // config.model.patch_size) ** 2
   return 3 * flops.encoder_forward_flops(n + 1, width, depth, config.model.patch_size ** 2 * 3)
@@ -416,10 +421,12 @@ def try_report(config, binary: str, s: Slice, devices, margin: float,
 
 def sweep(config, binary: str, s: Slice, devices, margin: float):
   """Yields a row per per-chip batch: doubling from the config's while it fits, else
-  halving until it does (powers of two times the config's per-chip batch)."""
+  halving until it does (powers of two times the config's per-chip batch). Each row
+  compiles a copy of the config with that batch; `config` is not changed."""
   per_chip = max(1, config.batch_size // len(devices))
   direction = None
   while per_chip >= 1:
+    config = copy.deepcopy(config)
     config.batch_size = per_chip * len(devices)
     row = try_report(config, binary, s, devices, margin)
     yield row

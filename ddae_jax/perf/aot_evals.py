@@ -19,7 +19,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from ddae_jax import config_attention, config_evals, config_lib, runtime, sharding
+from ddae_jax import config_checks, config_evals, config_lib, sharding
 from ddae_jax import train_step as ts
 from ddae_jax.evaluation import evaluators, input_pipeline, knn
 from ddae_jax.perf import flops
@@ -52,18 +52,17 @@ def evaluator_report(config, name: str, devices, hbm_gbps: float, step_s: float 
   """The JSON line of `--evaluator=name` (module docstring); step_s: the step's roofline
   seconds, or None to compile the step for it."""
   ev = config.evals[name]
-  with config.unlocked():
-    config.model.attention_impl = config_attention.attention_impl(
-        config, devices[0].platform) or ""
   t0 = time.perf_counter()
-  mesh, method, tx = ts.setup(config, devices)
-  _, abstract, shardings = ts.state_layout(config, method, tx, mesh)
-  state = runtime.with_shardings(abstract, shardings)
+  config_checks.validate(config, num_devices=len(devices))
   num_images = _split_images(config, "train")
+  # The slice's platform decides the attention kernel; the config is not changed.
+  derived = config_lib.resolve(config, devices[0].platform, num_images)
+  built = ts.build(config, devices, materialize=False, derived=derived)
+  mesh, method, state = built.mesh, built.model, built.abstract
   evaluator = evaluators.KnnEvaluator(name, ev, config, method, mesh, num_images)
   size, pc, step = config.model.image_size, 1, len(devices)
   parts, total_s, sets = {}, 0.0, {}
-  width = config_lib.encoder_dims(config)[0]
+  width = derived.width
   for role, split, limit in (("bank", ev.bank_split, ev.bank_size),
                              ("queries", ev.query_split, ev.num_queries)):
     images = _split_images(config, split, limit)
@@ -93,7 +92,7 @@ def evaluator_report(config, name: str, devices, hbm_gbps: float, step_s: float 
   every = config_evals.interval_steps(ev, num_images, config.batch_size)
   if step_s is None:
     from ddae_jax.perf import aot  # the step's own compile (minutes for ViT-B)
-    lowered, _ = aot.lower_step(config, "main", devices)
+    lowered, _, _ = aot.lower_step(config, "main", devices)
     _, step_s = _roofline_s(lowered.compile(), devices, hbm_gbps)
   train_s = every * step_s
   return {"evaluator": name, "kind": ev.kind, "every_steps": every,

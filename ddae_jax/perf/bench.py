@@ -64,7 +64,7 @@ def run_once(config, steps: int, warmup: int) -> dict:
   jax.block_until_ready(state)
   pipelined = (time.perf_counter() - t) / steps
 
-  per_image = flops.train_flops_per_image(config)
+  per_image = flops.train_flops_per_image(config, built.model.derived)
   images_per_s = config.batch_size / pipelined
   achieved = images_per_s * per_image["total"] / 1e12
   peak = flops.peak_tflops()

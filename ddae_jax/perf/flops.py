@@ -46,10 +46,9 @@ def decoder_forward_flops(in_tokens: int, num_patches: int, in_width: int, width
           + 2 * num_patches * width * out_dim)
 
 
-def beitv2_forward_flops_per_image(config) -> dict:
+def beitv2_forward_flops_per_image(config, d: config_lib.Derived) -> dict:
   """BEiT-v2: the encoder on all patches, the head on the masked ones of K blocks, the
   class-token head's blocks on all tokens and its LM head on the masked ones, the tokenizer."""
-  d = config_lib.resolve(config)
   width, n, blocks = d.width, d.num_patches, d.blocks
   patch_dim = config.model.patch_size ** 2 * 3
   t = config.tokenizer
@@ -68,11 +67,11 @@ def beitv2_forward_flops_per_image(config) -> dict:
   return parts
 
 
-def forward_flops_per_image(config) -> dict:
-  """Forward FLOPs per image of each part of the step (decoders: all their block passes)."""
+def forward_flops_per_image(config, d: config_lib.Derived) -> dict:
+  """Forward FLOPs per image of each part of the step (decoders: all their block passes);
+  d: the config's resolved values (config_lib.resolve)."""
   if config.get("method", "ddae") == "beitv2":
-    return beitv2_forward_flops_per_image(config)
-  d = config_lib.resolve(config)
+    return beitv2_forward_flops_per_image(config, d)
   width, n = d.width, d.num_patches
   visible = n - d.num_masked
   patch_dim = config.model.patch_size ** 2 * 3
@@ -91,14 +90,14 @@ def forward_flops_per_image(config) -> dict:
   return parts
 
 
-def train_flops_per_image(config) -> dict:
+def train_flops_per_image(config, d: config_lib.Derived) -> dict:
   """FLOPs per image of one train step, by part, and their "total".
 
   Trained parts cost 3x their forward; the frozen ones (momentum encoder,
   tokenizer) only their forward.
   """
   parts = {name: f * (1 if name in ("momentum_encoder", "tokenizer") else 3)
-           for name, f in forward_flops_per_image(config).items()}
+           for name, f in forward_flops_per_image(config, d).items()}
   parts["total"] = sum(parts.values())
   return parts
 
@@ -145,7 +144,7 @@ def block_bytes(tokens: int, width: int, heads: int, weight_share: float,
   return products + attention
 
 
-def floor_bytes_per_image(config, per_chip_batch: float,
+def floor_bytes_per_image(config, d: config_lib.Derived, per_chip_batch: float,
                           fused_attention: bool = False) -> dict | None:
   """The fusion floor of one DDAE/MAE train step per image, by part, and its "total".
 
@@ -156,7 +155,6 @@ def floor_bytes_per_image(config, per_chip_batch: float,
   """
   if config.get("method", "ddae") == "beitv2":
     return None
-  d = config_lib.resolve(config)
   width, heads, n = d.width, d.heads, d.num_patches
   visible = n - d.num_masked
   patch_dim = config.model.patch_size ** 2 * 3

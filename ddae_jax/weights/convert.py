@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from ddae_jax import config_lib
+from ddae_jax import config_checks, config_lib, methods
 from ddae_jax.models.vit import VIT_SIZES
 from ddae_jax.weights import pretrained, state_dict, torch_vit
 from ddae_jax.weights.checkpoints import CheckpointMissing
@@ -62,10 +62,10 @@ def timm_recipe(size: str, patch: int, image_size: int, num_classes: int, layout
 
 
 def _expected_encoder(config, image_size: int) -> dict:
-  """ShapeDtypeStructs of the encoder the run's config builds."""
-  from ddae_jax.methods.ddae import DDAE  # pylint: disable=import-outside-toplevel
+  """ShapeDtypeStructs of the encoder the run's config builds (every method's encoder)."""
+  encoder = methods.make_encoder(config, config_lib.resolve(config))
   images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
-  return jax.eval_shape(DDAE(config).encoder.init, jax.random.key(0), images)["params"]
+  return jax.eval_shape(encoder.init, jax.random.key(0), images)["params"]
 
 
 def export_checkpoint(workdir, out, which: str = "online", layout: str = "timm",
@@ -151,7 +151,7 @@ def imported_config(size: str, patch: int, image_size: int):
   config.model.pos_embed = "learned"
   # A timm ViT has no per-block feature LayerNorms; "final" adds none.
   config.model.feature_norm = "final"
-  config_lib.validate(config)
+  config_checks.validate(config)
   return config
 
 
