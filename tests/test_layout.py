@@ -253,7 +253,8 @@ MODULES = read_modules(ROOT)
 
 
 def test_every_module_has_a_level_and_every_binary_exists():
-  assert not listing_problems(MODULES), "\n".join(listing_problems(MODULES))
+  problems = listing_problems(MODULES)
+  assert not problems, "\n".join(problems)
   for b in BINARIES:
     assert f"ddae_jax.{b}" in MODULES
 
