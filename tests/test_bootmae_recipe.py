@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import load
 from scipy import ndimage
 
 from ddae_jax import config_lib
@@ -241,12 +242,8 @@ def test_distillation_loss_normalises_prediction_and_target():
 
 
 def test_paper_configs_default_to_bootmaes_recipe_and_mae_rows_to_maes():
-  import runpy
-
-  from repo_paths import repo_path
-  load = lambda name, arg="": runpy.run_path(repo_path("configs", name))["get_config"](arg)
   for name in ("vits.py", "vitb.py", "vitl.py"):
-    c = load(name)
+    c = load(f"configs/{name}")
     assert (c.masking.kind, c.masking.block_ratio, c.masking.min_patches,
             c.masking.max_patches) == ("blockwise", 120 / 196, 16, 60), name
     assert config_lib.grid_size(c) == (14, 14)
@@ -256,6 +253,6 @@ def test_paper_configs_default_to_bootmaes_recipe_and_mae_rows_to_maes():
     assert c.distill.weight_ramp == 0.25 and c.ema.schedule == "bootmae"
     assert c.optim.min_lr == 1e-4
   for name, arg in (("mae_vitb.py", ""), ("mae_vits.py", "")):
-    c = load(name, arg)
+    c = load(f"configs/{name}", arg)
     assert c.masking.kind == "random" and c.pixel.norm_pix_stats == "per_patch"
     assert not c.distill.enabled and c.optim.min_lr == 0.0

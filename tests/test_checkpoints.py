@@ -1,10 +1,71 @@
-"""weights/checkpoints.py: a read of a damaged checkpoint leaves nothing running behind it."""
+"""weights/checkpoints.py: a state tree that differs is named, damaged steps fall back to the
+newest intact one, a read of a damaged checkpoint leaves nothing running behind it, Orbax
+never asks JAX about preemption."""
 
 import os
 import subprocess
 import sys
 
+import numpy as np
+import pytest
+from helpers import abstract, save_steps, small_state, truncate_array_files
 from repo_paths import REPO
+
+from ddae_jax.weights import checkpoints
+
+
+def test_a_checkpoint_of_another_state_tree_names_the_arrays(tmp_path):
+  directory = str(tmp_path / "ckpt")
+  save_steps(directory, [1], width=4)
+  with pytest.raises(checkpoints.StateMismatch, match=r"params/w: checkpoint \(4, 3\), "
+                     r"requested \(8, 3\)"):
+    checkpoints.check_tree(directory, 1, abstract(small_state(8)))
+  checkpoints.check_tree(directory, 1, abstract(small_state(4)))  # the same tree passes
+
+
+def test_damaged_latest_checkpoints_fall_back_to_the_newest_intact_one(tmp_path):
+  directory, aside = str(tmp_path / "ckpt"), str(tmp_path / "damaged")
+  save_steps(directory, [1, 2, 3])
+  truncate_array_files(os.path.join(directory, "3"))
+  os.remove(os.path.join(directory, "2", "state", "_METADATA"))
+  ckpt = checkpoints.Checkpointer(directory, 1, 10)
+  state, position, step = ckpt.restore_latest_intact(abstract(small_state()), aside)
+  assert (step, position, int(state["step"])) == (1, 10, 1)
+  np.testing.assert_array_equal(state["params"]["w"], np.full((4, 3), 2.0))
+  # The damaged steps are kept for inspection, out of the way of new saves.
+  assert sorted(os.listdir(aside)) == ["2", "3"] and ckpt.manager.all_steps() == [1]
+  ckpt.save(2, state, 20, force=True)  # the step number a damaged one had is free again
+  ckpt.close()
+  assert checkpoints.Checkpointer(directory, 1, 10).manager.all_steps() == [1, 2]
+
+
+def test_no_intact_checkpoint_stops_naming_each_damaged_step(tmp_path):
+  directory = str(tmp_path / "ckpt")
+  save_steps(directory, [1, 2])
+  for step in ("1", "2"):
+    os.remove(os.path.join(directory, step, "state", "_METADATA"))
+  ckpt = checkpoints.Checkpointer(directory, 1, 10)
+  with pytest.raises(checkpoints.CheckpointDamaged, match=r"step 2: .*; step 1: "):
+    ckpt.restore_latest_intact(abstract(small_state()), str(tmp_path / "aside"))
+  ckpt.close()
+  assert sorted(os.listdir(directory)) == ["1", "2"]  # nothing moved: the user decides
+
+
+def test_orbax_never_asks_jax_about_preemption(tmp_path, monkeypatch):
+  """StopDecision is the sync manager's one caller: its counter must be the poll count."""
+  import jax.numpy as jnp
+  from jax.experimental import multihost_utils
+  asked = []
+  original = multihost_utils.reached_preemption_sync_point
+  monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point",
+                      lambda step: asked.append(step) or original(step))
+  ckpt = checkpoints.Checkpointer(str(tmp_path / "ckpt"), 2, 3)  # async saves
+  for step in (1, 2, 3, 4):
+    if ckpt.should_save(step):
+      ckpt.save(step, {"w": jnp.full((4,), float(step))}, data_position=step)
+  ckpt.close()  # the finalize threads have run
+  assert ckpt.manager.all_steps() == [1, 2, 4] and asked == []  # (Orbax saves the first step)
+
 
 # Saves steps 1 and 2 of a state of many arrays (a failed restore reads many
 # of them concurrently), truncates step 2's data files, then reads it back

@@ -3,7 +3,7 @@
 import os
 
 import pytest
-from config_files import config_variants, load
+from helpers import config_variants, load
 from repo_paths import REPO
 
 from ddae_jax import config_checks, config_lib

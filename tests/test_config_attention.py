@@ -4,7 +4,7 @@ config and variant; cuDNN's rules against jax's own checks."""
 import jax
 import jax.numpy as jnp
 import pytest
-from config_files import config_variants, load
+from helpers import config_variants, load
 from jax._src.cudnn import fused_attention_stablehlo as cudnn_checks  # jax's, not ours
 from repo_paths import repo_path
 

@@ -7,12 +7,9 @@ creates the data source and trains two steps, then asserts that every field of
 the default DDAE config was read, except the short list below.
 """
 
-import os
-import runpy
-
 import ml_collections
 import pytest
-from repo_paths import REPO
+from helpers import load
 
 from ddae_jax import config_lib, train
 
@@ -47,7 +44,7 @@ def _paths(config, prefix=""):
 
 @pytest.mark.slow  # compiles and runs the trainer (~40 s)
 def test_every_pretraining_field_is_read(tmp_path, monkeypatch):
-  config = runpy.run_path(os.path.join(REPO, "configs", "vitb.py"))["get_config"]("")
+  config = load("configs/vitb.py")
   # The paper's method on a ViT the CPU can step (writes, not reads).
   config.model.size, config.model.patch_size, config.model.image_size = "tiny", 4, 32
   config.model.dtype = "float32"

@@ -10,8 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 import trainer_utils
-from config_files import load as _load
-from repo_paths import REPO
+from helpers import load
 
 from ddae_jax import config_checks, config_evals, config_lib, train_step
 from ddae_jax.evaluation import config as eval_config
@@ -19,10 +18,6 @@ from ddae_jax.evaluation import evaluators, knn, readout
 from ddae_jax.weights import pretrained
 
 IMAGE = 16  # the quickstart's tiny ViT on 16 px digits: 16 patches, a fast forward
-
-
-def load(path, arg=""):
-  return _load(os.path.join(REPO, path), arg)
 
 
 def _pretrain(lineage, size="base"):

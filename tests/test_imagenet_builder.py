@@ -9,13 +9,13 @@ the linear probe and k-NN binaries on the validation split.
 
 import json
 import os
-import runpy
 import sys
 import time
 
 import mini_imagenet
 import pytest
 import trainer_utils as tu
+from helpers import load
 
 DEVICES = 1  # ViT-B at 224 px is the cost here: more fake devices only split two cores
 FIRST_STEPS, RESUMED_STEPS = 2, 3
@@ -38,7 +38,7 @@ def _step_overrides(steps: int, num_train: int) -> list[str]:
   either way: an epoch of warm-up is longer than the run (a config error)
   and would keep the learning rate near zero for the few steps taken.
   """
-  config = runpy.run_path(os.path.join(tu.REPO, "configs/vitb.py"))["get_config"]("smoke")
+  config = load("configs/vitb.py", "smoke")
   if "num_steps" in config:
     return [f"--config.num_steps={steps}", "--config.optim.warmup_epochs=0"]
   return [f"--config.epochs={steps * config.batch_size / num_train}",

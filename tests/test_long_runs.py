@@ -7,22 +7,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import tiny
 
 from ddae_jax import config_lib, train
 from ddae_jax.methods import schedules
 from ddae_jax.weights import checkpoints, pretrained
 
 
-def _epochs(epochs):
-  """configs/tiny.py's config with `epochs`."""
-  config = config_lib.tiny_config()
-  config.epochs = epochs
-  return config
-
-
 def test_the_dataset_size_is_passed_to_the_step_arithmetic_not_written_into_the_config():
   from ddae_jax import optim
-  config = _epochs(10.0)  # config.num_train_images = 256, the fallback
+  config = tiny(epochs=10.0)  # config.num_train_images = 256, the fallback
   assert config_lib.total_steps(config, 1497) == round(10 * 1497 / 16)
   assert config_lib.total_steps(config) == 160 and config.num_train_images == 256
   # one warm-up epoch: 94 steps of 16 of 1497
@@ -40,7 +34,7 @@ def test_the_dataset_size_is_passed_to_the_step_arithmetic_not_written_into_the_
 def test_resume_restores_into_the_abstract_state_without_a_fresh_one(tmp_path, monkeypatch):
   from ddae_jax import train_step as ts
   workdir = str(tmp_path / "run")
-  config = _epochs(2.0)  # 32 steps: the checkpoint below is the end, so no step runs
+  config = tiny(epochs=2.0)  # 32 steps: the checkpoint below is the end, so no step runs
   built = ts.build(config)
   state = dict(built.state, step=jnp.asarray(32, jnp.int32))
   state_bytes = sum(x.nbytes for x in jax.tree.leaves(built.state))
@@ -61,7 +55,7 @@ def test_resume_restores_into_the_abstract_state_without_a_fresh_one(tmp_path, m
     return out
   monkeypatch.setattr(checkpoints.Checkpointer, "restore", restore_and_measure)
   baseline = sum(a.nbytes for a in jax.live_arrays())
-  train.train_and_evaluate(_epochs(2.0), workdir)
+  train.train_and_evaluate(tiny(epochs=2.0), workdir)
   assert len(traced) == 1  # traced once for shapes (eval_shape); never jitted and run
   assert live_after_restore[0] - baseline <= 1.1 * state_bytes, (live_after_restore, baseline,
                                                                   state_bytes)

@@ -8,13 +8,13 @@ XLA's CPU compile time, not the steps, is what these tests cost.
 
 import functools
 import json
-import runpy
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import retrace
+from helpers import config_module, load, smooth_images
 from references import mae_loss_numpy
 from repo_paths import repo_path
 
@@ -30,8 +30,7 @@ ROWS = sorted({arg for rows in ablations.TABLES.values() for _, arg, _ in rows})
 
 def tiny_version(config_arg: str):
   """The row's config, shrunk: a 4-deep ViT (6-deep for K = 6), 16 px, patch 4, batch 8."""
-  path, _, variants = config_arg.partition(":")
-  c = runpy.run_path(repo_path(path))["get_config"](variants)
+  c = load(config_arg)
   c.model.size = "tiny6" if c.dds.num_supervised == 6 and c.dds.deep_supervision else "tiny"
   c.model.image_size, c.model.patch_size, c.model.dtype = 16, 4, "float32"
   c.masking.min_patches = 2
@@ -59,12 +58,6 @@ def program_key(c) -> str:
                            "block_weights")}
   d["derived"] = [config_lib.supervised_blocks(c), config_lib.block_weights(c)]
   return json.dumps(d, sort_keys=True, default=str)
-
-
-def smooth_images(n, size=16, seed=0):
-  small = np.random.RandomState(seed).rand(n, 4, 4, 3)
-  big = jax.image.resize(small, (n, size, size, 3), "bicubic")
-  return (np.asarray(big).clip(0, 1) * 255).astype(np.uint8)
 
 
 def fresh_state(c, model, tx, mesh):
@@ -97,7 +90,7 @@ def _groups():
 @pytest.mark.parametrize("rows", _groups())
 def test_every_table_row_trains_its_tiny_version(rows, monkeypatch):
   mesh = sharding.make_mesh((("data", -1), ("fsdp", 1)), jax.devices()[:1])
-  images = {"image": smooth_images(8)}
+  images = {"image": smooth_images(8, size=16)}
   first = tiny_version(rows[0])
   model = methods.make(first, config_lib.resolve(first))
   schedule = optim.lr_schedule(first, model.derived.steps)
@@ -142,13 +135,11 @@ def test_every_table_row_trains_its_tiny_version(rows, monkeypatch):
 
 
 def test_default_ddae_row_is_the_default():
-  load = lambda v: runpy.run_path(repo_path("configs/vitb.py"))["get_config"](v)
-  assert program_key(load("dds_both")) == program_key(load(""))
+  assert program_key(load("configs/vitb.py", "dds_both")) == program_key(
+      load("configs/vitb.py"))
 
 
 def test_rows_are_the_papers_settings():
-  load = lambda arg: runpy.run_path(repo_path(arg.split(":")[0]))["get_config"](
-      arg.partition(":")[2])
   mae = load("configs/mae_vits.py:mae")
   assert (mae.masking.kind, mae.masking.ratio, mae.pixel.decoder_depth,
           mae.pixel.decoder_width, mae.pixel.norm_pix, mae.distill.enabled) == (
@@ -197,7 +188,7 @@ def test_every_variant_is_loaded_by_the_config_test():
   listed = set()
   for path in ("configs/vitb.py", "configs/mae_vits.py", "configs/mae_vitb.py",
                "configs/beitv2_vitb.py"):
-    listed |= set(runpy.run_path(repo_path(path))["VARIANTS"])
+    listed |= set(config_module(path)["VARIANTS"])
   assert set(ablations.VARIANTS) <= listed, set(ablations.VARIANTS) - listed
 
 
@@ -322,8 +313,7 @@ def test_beitv2_flops_match_xla_cost_analysis():
   analytic = sum(flops.forward_flops_per_image(c, config_lib.resolve(c)).values()) * 2
   assert 0.85 < analytic / cost["flops"] < 1.02, (analytic, cost["flops"])
   # Table 4: a branch without DDS decodes one block instead of K = 4.
-  both, none = (runpy.run_path(repo_path("configs/vitb.py"))["get_config"](v)
-                for v in ("dds_both", "dds_none"))
+  both, none = (load("configs/vitb.py", v) for v in ("dds_both", "dds_none"))
   forward = lambda c: flops.forward_flops_per_image(c, config_lib.resolve(c))
   assert forward(both)["distill_decoder"] == pytest.approx(
       4 * forward(none)["distill_decoder"])
@@ -332,7 +322,7 @@ def test_beitv2_flops_match_xla_cost_analysis():
 def test_beitv2_optimizer_is_beits_adamw_with_clipping():
   """The built chain against torch's AdamW + clip_grad_norm_ with BEiT-v2's settings."""
   torch = pytest.importorskip("torch")
-  c = runpy.run_path(repo_path("configs/beitv2_vitb.py"))["get_config"]("")
+  c = load("configs/beitv2_vitb.py")
   o = c.optim
   assert (o.b1, o.b2, o.eps, o.grad_clip_norm, o.weight_decay) == (0.9, 0.98, 1e-8, 3.0, 0.05)
   assert config_lib.learning_rate(c) == pytest.approx(1.5e-3) and o.min_lr == 1e-5

@@ -2,14 +2,12 @@
 decay against the BEiT rule written out by name, AdamW with it against optax.adamw per
 parameter, LARS against a NumPy transcription of MAE's util/lars.py."""
 
-import runpy
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from repo_paths import repo_path
+from helpers import load, tiny
 
 from ddae_jax import config_checks, config_lib, optim
 from ddae_jax.evaluation import classifier
@@ -17,11 +15,6 @@ from ddae_jax.methods import schedules
 from ddae_jax.sharding import path_str
 
 DEPTH = 3
-
-
-def tiny(arg=""):
-  c = runpy.run_path(repo_path("configs/tiny.py"))["get_config"](arg)
-  return c
 
 
 def test_linear_momentum_schedule_endpoints():
@@ -192,7 +185,7 @@ def test_lars_matches_a_numpy_transcription_of_mae():
     ("mae", ["cls_token", "mask_token", "pos_embed", "kernel"], ["bias"]),  # timm's, no skip
 ])
 def test_pretraining_weight_decay_follows_the_lineage(variant, decayed, kept):
-  c = runpy.run_path(repo_path("configs/vitb.py"))["get_config"](variant)
+  c = load("configs/vitb.py", variant)
   config_checks.validate(c)
   params = {"cls_token": jnp.ones((1, 1, 4)), "pos_embed": jnp.ones((1, 5, 4)),
             "mask_token": jnp.ones((1, 1, 4)), "kernel": jnp.ones((4, 4)),
@@ -207,7 +200,7 @@ def test_pretraining_weight_decay_follows_the_lineage(variant, decayed, kept):
 
 
 def test_an_unknown_no_decay_name_is_named():
-  c = runpy.run_path(repo_path("configs/vitb.py"))["get_config"]()
+  c = load("configs/vitb.py")
   c.optim.no_decay_names = ("cls_token", "patch_embed")
   with pytest.raises(config_lib.ConfigError, match=r"optim.no_decay_names = .*among"):
     config_checks.validate(c)

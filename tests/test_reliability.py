@@ -1,42 +1,25 @@
 """A run never loses its way: resume checks, damaged checkpoints, override types, smoke runs,
-preemption, bad input (issue 15)."""
+preemption, bad input (issue 15). What checkpoints.py and runtime.py do on their own
+(damaged steps, the steps in flight) is tested in tests/test_checkpoints.py and
+tests/test_runtime.py."""
 
 import json
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import trainer_utils as tu
+from helpers import load, save_steps, truncate_array_files
 
-from ddae_jax import config_checks, config_lib, runtime, train
-from ddae_jax.weights import checkpoints, pretrained
-
-
-def _small_state(width=4):
-  return {"step": jnp.zeros((), jnp.int32), "params": {"w": jnp.ones((width, 3))},
-          "opt_state": (jnp.zeros((width, 3)),)}
-
-
-def _abstract(state):
-  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  return runtime.with_shardings(jax.eval_shape(lambda: state),
-                                   jax.tree.map(lambda _: sharding, state))
-
-
-def _save_steps(directory, steps, width=4):
-  ckpt = checkpoints.Checkpointer(directory, 1, 10, use_async=False)
-  for s in steps:
-    state = jax.tree.map(lambda x, s=s: x + s, _small_state(width))
-    ckpt.save(s, dict(state, step=jnp.asarray(s, jnp.int32)), data_position=10 * s, force=True)
-  ckpt.close()
+from ddae_jax import config_checks, config_lib, train
+from ddae_jax.weights import pretrained
 
 
 def _fake_run(workdir, config, steps=(4,)):
   """A workdir as a run leaves it: config.json and checkpoints (of a stand-in state)."""
   pretrained.save_config(workdir, config)
-  _save_steps(os.path.join(workdir, "checkpoints"), steps)
+  save_steps(os.path.join(workdir, "checkpoints"), steps)
 
 
 # ------------------------------------------------------------- 15.1 and 15.2
@@ -68,53 +51,7 @@ def test_resume_differences_ignore_run_time_and_schedule_fields():
   assert config_checks.resume_differences(saved, requested) == [("dds.blocks", (), (2, 4))]
 
 
-def test_a_checkpoint_of_another_state_tree_names_the_arrays(tmp_path):
-  directory = str(tmp_path / "ckpt")
-  _save_steps(directory, [1], width=4)
-  with pytest.raises(checkpoints.StateMismatch, match=r"params/w: checkpoint \(4, 3\), "
-                     r"requested \(8, 3\)"):
-    checkpoints.check_tree(directory, 1, _abstract(_small_state(8)))
-  checkpoints.check_tree(directory, 1, _abstract(_small_state(4)))  # the same tree passes
-
-
 # ------------------------------------------------------------- 15.3
-def _truncate_array_files(step_dir):
-  """Halves each of the step's array data files (OCDBT's `d/` folders)."""
-  for d, _, files in os.walk(os.path.join(step_dir, "state")):
-    for name in files if os.path.basename(d) == "d" else ():
-      path = os.path.join(d, name)
-      with open(path, "r+b") as f:
-        f.truncate(os.path.getsize(path) // 2)
-
-
-def test_damaged_latest_checkpoints_fall_back_to_the_newest_intact_one(tmp_path):
-  directory, aside = str(tmp_path / "ckpt"), str(tmp_path / "damaged")
-  _save_steps(directory, [1, 2, 3])
-  _truncate_array_files(os.path.join(directory, "3"))
-  os.remove(os.path.join(directory, "2", "state", "_METADATA"))
-  ckpt = checkpoints.Checkpointer(directory, 1, 10)
-  state, position, step = ckpt.restore_latest_intact(_abstract(_small_state()), aside)
-  assert (step, position, int(state["step"])) == (1, 10, 1)
-  np.testing.assert_array_equal(state["params"]["w"], np.full((4, 3), 2.0))
-  # The damaged steps are kept for inspection, out of the way of new saves.
-  assert sorted(os.listdir(aside)) == ["2", "3"] and ckpt.manager.all_steps() == [1]
-  ckpt.save(2, state, 20, force=True)  # the step number a damaged one had is free again
-  ckpt.close()
-  assert checkpoints.Checkpointer(directory, 1, 10).manager.all_steps() == [1, 2]
-
-
-def test_no_intact_checkpoint_stops_naming_each_damaged_step(tmp_path):
-  directory = str(tmp_path / "ckpt")
-  _save_steps(directory, [1, 2])
-  for step in ("1", "2"):
-    os.remove(os.path.join(directory, step, "state", "_METADATA"))
-  ckpt = checkpoints.Checkpointer(directory, 1, 10)
-  with pytest.raises(checkpoints.CheckpointDamaged, match=r"step 2: .*; step 1: "):
-    ckpt.restore_latest_intact(_abstract(_small_state()), str(tmp_path / "aside"))
-  ckpt.close()
-  assert sorted(os.listdir(directory)) == ["1", "2"]  # nothing moved: the user decides
-
-
 @pytest.mark.slow  # two compiling subprocesses
 def test_trainer_resumes_past_a_damaged_checkpoint_and_refuses_another_model(tmp_path):
   workdir = str(tmp_path / "run")
@@ -126,7 +63,7 @@ def test_trainer_resumes_past_a_damaged_checkpoint_and_refuses_another_model(tmp
   assert other.returncode != 0 and "config.model.patch_size: saved 4, requested 8" in other.stdout
   assert "Traceback" not in other.stdout and "Event loop is closed" not in other.stdout
   assert json.load(open(os.path.join(workdir, "config.json")))["model"]["patch_size"] == 4
-  _truncate_array_files(os.path.join(workdir, "checkpoints", "24"))
+  truncate_array_files(os.path.join(workdir, "checkpoints", "24"))
   longer = tu.run(tu.main_cmd(workdir, "--config.epochs=2", "--config.checkpoint_every_steps=4",
                               "--config.optim.warmup_epochs=0.5"), 1)
   assert longer.returncode == 0, longer.stdout[-3000:]
@@ -171,15 +108,13 @@ def test_a_wrong_type_on_the_command_line_fails_before_writing(tmp_path):
 
 # ------------------------------------------------------------- 15.6
 def test_smoke_is_a_fixed_number_of_steps_whatever_the_dataset():
-  import runpy
-  get_config = runpy.run_path(os.path.join(tu.REPO, "configs/vitb.py"))["get_config"]
-  config = get_config("smoke")
+  config = load("configs/vitb.py", "smoke")
   for images in (240, 1_281_167):
     config.num_train_images = images
     assert config_lib.total_steps(config) == 20
   assert config.log_every_steps == 1
   config_checks.validate(config)
-  assert config_lib.total_steps(get_config("")) == round(100 * 1_281_167 / 4096)
+  assert config_lib.total_steps(load("configs/vitb.py")) == round(100 * 1_281_167 / 4096)
 
 
 @pytest.mark.slow  # a compiling subprocess
@@ -198,15 +133,6 @@ def test_smoke_run_logs_every_step_on_real_data(tmp_path):
 
 
 # ------------------------------------------------------------- 15.4
-def test_steps_in_flight_waits_on_the_step_depth_behind_and_counts_completed():
-  from ddae_jax import runtime
-  in_flight = runtime.StepsInFlight(depth=2, start_step=10)
-  advanced = [in_flight.push(s, {"loss": jnp.float32(s)}) for s in range(11, 16)]
-  assert advanced == [False, False, True, True, True]
-  assert in_flight.completed == 13  # 14 and 15 may still run
-  assert len(in_flight._pending) == 2
-
-
 @pytest.mark.slow  # a compiling subprocess with slow steps
 def test_sigterm_with_slow_steps_saves_and_exits_within_a_few_steps(tmp_path):
   import signal
@@ -305,9 +231,3 @@ def test_trainer_on_an_undecodable_folder_stops_with_one_message(tmp_path):
   assert proc.returncode != 0 and "images in a row could not be decoded" in proc.stdout
   assert "Traceback" not in proc.stdout
   assert proc.stdout.count("Skipping undecodable image") <= 100 + 16
-
-
-def _epochs(epochs):
-  config = config_lib.tiny_config()
-  config.epochs = epochs
-  return config

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from repo_paths import repo_path
+from helpers import load
 from timm.models import beit
 
 from ddae_jax.models.tokenizer import VQKDTokenizer, tokenizer_input
@@ -132,13 +132,11 @@ def test_unsafe_pickles_are_refused(tmp_path):
 
 
 def test_missing_or_mismatched_checkpoint_fails_before_any_compute(checkpoint, monkeypatch):
-  import runpy
-
   from ddae_jax import config_lib
   from ddae_jax import train_step as ts
   called = []
   monkeypatch.setattr(ts, "create_train_state", lambda *a: called.append(1))
-  c = runpy.run_path(repo_path("configs/beitv2_vitb.py"))["get_config"]("")
+  c = load("configs/beitv2_vitb.py")
   c.tokenizer.checkpoint = "/nonexistent/vqkd.pth"
   with pytest.raises(config_lib.ConfigError, match="config.tokenizer.checkpoint.*nonexistent"):
     ts.build(c, jax.devices()[:8])

@@ -1,29 +1,15 @@
 """The jitted, sharded train step: sharding invariance, no retrace, EMA, switches, learning."""
 
-import runpy
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import retrace
-from repo_paths import repo_path
+from helpers import smooth_images, tiny
 
 from ddae_jax import config_lib
 from ddae_jax import train_step as ts
 from ddae_jax.methods import schedules
-
-
-def tiny(arg=""):
-  c = runpy.run_path(repo_path("configs/tiny.py"))["get_config"](arg)
-  return c
-
-
-def smooth_images(n, size=32, seed=0):
-  """Low-frequency colour images: learnable in a few hundred steps, unlike noise."""
-  small = np.random.RandomState(seed).rand(n, 4, 4, 3)
-  big = jax.image.resize(small, (n, size, size, 3), "bicubic")
-  return (np.asarray(big).clip(0, 1) * 255).astype(np.uint8)
 
 
 def host(tree):

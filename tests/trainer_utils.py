@@ -2,7 +2,6 @@
 
 import glob
 import os
-import runpy
 import socket
 import subprocess
 import sys
@@ -106,10 +105,12 @@ def free_port() -> int:
 
 def load_state(workdir, step, config_overrides=None):
   """The checkpointed train state of `step` as NumPy arrays, on this process's device."""
+  from helpers import tiny
+
   from ddae_jax import runtime
   from ddae_jax import train_step as ts
   from ddae_jax.weights import checkpoints
-  config = runpy.run_path(os.path.join(REPO, "configs/tiny.py"))["get_config"]("")
+  config = tiny()
   for key, value in (config_overrides or {}).items():
     section, _, name = key.rpartition(".")
     (config[section] if section else config)[name] = value
