@@ -101,7 +101,7 @@ def main():
 
   per_chip = args.batch / len(devices)
   mem = compiled.memory_analysis()
-  cost = aot._cost(compiled)
+  cost = aot.cost_analysis(compiled)
   flop = cost.get("flops", 0.0) / per_chip
   moved = cost.get("bytes accessed", 0.0) / per_chip
   print(json.dumps({
@@ -114,7 +114,7 @@ def main():
       "gb_accessed_per_image": round(moved / 1e9, 4),
       "flop_per_byte": round(flop / moved, 1) if moved else None,
       "collectives": aot.collectives(compiled.as_text()),
-      "compile_s": round(compile_s, 1), **aot._versions()}), flush=True)
+      "compile_s": round(compile_s, 1), **aot.versions()}), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """cli.py: every binary ends a user's error with one line naming the fields, and writes nothing;
-the heartbeat timeout reaches jax.distributed (issue 27)."""
+the heartbeat timeout reaches jax.distributed (issue 27); the libraries define no flags."""
 
 import os
 import sys
@@ -49,3 +49,24 @@ def test_the_heartbeat_timeout_goes_to_jax_and_an_older_jax_refuses_a_changed_on
   assert cli.heartbeat_option(initialize_of_jax_0_6, 100) == {}  # its fixed value
   with pytest.raises(SystemExit, match=r"--heartbeat_timeout=10 needs jax >= 0\.7"):
     cli.heartbeat_option(initialize_of_jax_0_6, 10)
+
+
+_IMPORT_THE_LIBRARIES = """
+import os
+from absl import app, flags, logging
+environ = dict(os.environ)
+import ddae_jax.perf.aot, ddae_jax.perf.aot_evals, ddae_jax.perf.bench
+import ddae_jax.perf.bench_input, ddae_jax.train
+ours = {name: module for module, defined in flags.FLAGS.flags_by_module_dict().items()
+        for name in (f.name for f in defined) if module.startswith("ddae_jax")}
+assert not ours, f"flags defined at import: {ours}"
+changed = {k for k in environ.keys() | os.environ.keys() if environ.get(k) != os.environ.get(k)}
+assert not changed & {"JAX_PLATFORMS", "ALLOW_MULTIPLE_LIBTPU_LOAD"}, changed
+"""
+
+
+def test_the_tools_libraries_import_side_by_side_and_define_no_flags():
+  """Issue 26: the libraries of aot, bench and bench_input imported with pretraining's in one
+  process define no absl flag (two defining --config collided) and set no environment."""
+  proc = tu.run([sys.executable, "-c", _IMPORT_THE_LIBRARIES], 1, timeout=300)
+  assert proc.returncode == 0, proc.stdout[-3000:]

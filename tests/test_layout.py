@@ -25,7 +25,7 @@ LEVELS = (
     ("scripts", ()),  # every launch/*.py; above the binaries
     ("binaries", tuple(f"ddae_jax.{b}" for b in BINARIES)),
     ("tools", ("ddae_jax.cli", "ddae_jax.perf.aot", "ddae_jax.perf.aot_evals",
-               "ddae_jax.perf.bench", "ddae_jax.perf.input_bench",
+               "ddae_jax.perf.bench", "ddae_jax.perf.bench_input",
                "ddae_jax.analysis.commands")),
     # Pretraining runs the evaluators of config.evals inside its loop.
     ("pretraining", ("ddae_jax.train",)),

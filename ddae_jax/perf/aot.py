@@ -1,6 +1,8 @@
 """Compiles the real train step for a TPU slice on any machine; one JSON line per compile.
 
-The library of `python -m ddae_jax.aot`; its usage and options: ddae_jax/aot.py.
+The library of `python -m ddae_jax.aot`; its usage and options: ddae_jax/aot.py. It sets
+no environment: a caller that compiles for a slice here (slice_devices) sets
+JAX_PLATFORMS=cpu and ALLOW_MULTIPLE_LIBTPU_LOAD=1 before JAX starts, as the binary does.
 """
 
 from __future__ import annotations
@@ -8,23 +10,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib.metadata
-import json
-import os
 import re
 import time
-
-# The compile-only TPU devices come from libtpu; the host's own backend (for
-# the init key) stays the CPU, so an installed libtpu never probes for a TPU.
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# libtpu takes a machine-wide lock for the TPU it drives; compiling drives none,
-# so compiles may run side by side (and beside a training run on a TPU VM).
-os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import flags
-from ml_collections import config_flags
 
 from ddae_jax import config_checks, config_lib, runtime, sharding
 from ddae_jax import train_step as ts
@@ -32,27 +23,6 @@ from ddae_jax.evaluation import config as eval_config
 from ddae_jax.evaluation import finetune
 from ddae_jax.models.vit import VIT_SIZES, Block
 from ddae_jax.perf import flops
-
-FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Pretraining or fine-tuning config file.",
-                                lock_config=False)
-flags.DEFINE_string("topology", "v5e-4", "TPU slice: gcloud accelerator name or libtpu "
-                    "topology (v5e:2x2).")
-flags.DEFINE_enum("binary", "main", ["main", "finetune"],
-                  "Which step: pretraining (ddae_jax.main) or fine-tuning (ddae_jax.finetune).")
-flags.DEFINE_bool("sweep", False, "Double the per-chip batch until it no longer fits; "
-                  "report the largest that does.")
-flags.DEFINE_bool("breakdown", False, "Add gb_per_image_by_scope: where the bytes accessed go.")
-flags.DEFINE_enum("block", None, ["encoder", "momentum_encoder", "pixel_decoder",
-                                   "distill_decoder"],
-                  "Compile one block of that part (fwd + bwd; the momentum encoder fwd) on one "
-                  "chip instead of the step, at the config's per-chip batch (x K for decoders).")
-flags.DEFINE_string("evaluator", None, "Compile the evaluator config.evals.<name> (its "
-                    "feature forward and k-NN scorer) and report its share of the run's time.")
-flags.DEFINE_float("step_ms", None, "With --evaluator: the step's roofline ms (else the step "
-                   "is compiled too).")
-flags.DEFINE_float("margin", 0.1, "Fraction of HBM to keep free for fits=true (the runtime, "
-                   "fragmentation and the input pipeline's buffers need some).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,12 +232,15 @@ def bytes_by_scope(hlo_text: str, top: int = 15) -> dict:
   return out
 
 
-def _cost(compiled) -> dict:
+def cost_analysis(compiled) -> dict:
+  """The compiler's cost model of a compiled program, per device: {"flops", "bytes
+  accessed", ...} ({} when it has none)."""
   cost = compiled.cost_analysis()
   return (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
 
 
-def _versions() -> dict:
+def versions() -> dict:
+  """{"jax", "libtpu"}: the versions of the compiler a report's numbers come from."""
   try:
     libtpu = importlib.metadata.version("libtpu")
   except importlib.metadata.PackageNotFoundError:
@@ -289,7 +262,7 @@ def report(config, binary: str, s: Slice, devices, margin: float,
   total = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
            + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
   hbm = chip.hbm_gib * 2**30
-  cost = _cost(compiled)
+  cost = cost_analysis(compiled)
   hlo = compiled.as_text()
   flop = cost.get("flops", 0.0) / per_chip_batch  # the cost model is per device
   moved = cost.get("bytes accessed", 0.0) / per_chip_batch
@@ -340,7 +313,7 @@ def report(config, binary: str, s: Slice, devices, margin: float,
       # kernels nothing), so FLOPs are under-counted when this is not 0.
       "mosaic_kernels": hlo.count('custom_call_target="tpu_custom_call"'),
       "compile_s": round(compile_s, 1),
-      **_versions(),
+      **versions(),
   }
   if breakdown:
     row["gb_per_image_by_scope"] = {k: round(v / per_chip_batch / 1e9, 4)
@@ -382,13 +355,13 @@ def block_report(config, part: str, s: Slice, device) -> dict:
     return jnp.sum(block.apply(params, x, True, bias).astype(jnp.float32) ** 2)
 
   fn = jax.grad(loss, argnums=tuple(range(len(args)))) if train else loss
-  cost = _cost(jax.jit(fn).lower(*args).compile())
+  cost = cost_analysis(jax.jit(fn).lower(*args).compile())
   return {"block": part, "tokens": tokens, "width": width, "heads": heads, "batch": batch,
           "train": train, "bias": len(args) == 3, "attention_impl": d.attention_impl,
           "dtype": config.model.dtype, "gflop": round(cost.get("flops", 0.0) / 1e9, 2),
           "gb_accessed": round(cost.get("bytes accessed", 0.0) / 1e9, 4),
           "flop_per_byte": round(cost["flops"] / cost["bytes accessed"], 1),
-          "chip": device.device_kind, **_versions()}
+          "chip": device.device_kind, **versions()}
 
 
 def analytic_flops_per_image(config, derived: config_lib.Derived | None) -> float | None:
@@ -434,33 +407,4 @@ def sweep(config, binary: str, s: Slice, devices, margin: float):
     if row["fits"] != (direction == 2):
       return
     per_chip = int(per_chip * direction)
-
-
-def main(argv):
-  del argv
-  config = FLAGS.config
-  s = parse_slice(FLAGS.topology)
-  devices = slice_devices(s)
-  if FLAGS.block:
-    print(json.dumps(block_report(config, FLAGS.block, s, devices[0])), flush=True)
-    return
-  if FLAGS.evaluator:
-    from ddae_jax.perf import aot_evals
-    step_s = FLAGS.step_ms / 1e3 if FLAGS.step_ms else None
-    row = aot_evals.evaluator_report(config, FLAGS.evaluator, devices,
-                                     CHIPS[s.generation].hbm_gbps, step_s)
-    print(json.dumps({"topology": s.name, "batch": config.batch_size, **row, **_versions()}),
-          flush=True)
-    return
-  if not FLAGS.sweep:
-    print(json.dumps(try_report(config, FLAGS.binary, s, devices, FLAGS.margin,
-                                FLAGS.breakdown)), flush=True)
-    return
-  largest = None
-  for row in sweep(config, FLAGS.binary, s, devices, FLAGS.margin):
-    print(json.dumps(row), flush=True)
-    if row["fits"]:
-      largest = max(largest or 0, row["per_chip_batch"])
-  print(json.dumps({"topology": s.name, "largest_per_chip_batch_that_fits": largest}),
-        flush=True)
 

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from ddae_jax import config_checks, config_evals, config_lib, sharding
 from ddae_jax import train_step as ts
 from ddae_jax.evaluation import evaluators, input_pipeline, knn
-from ddae_jax.perf import flops
+from ddae_jax.perf import aot, flops
 
 # Set sizes when an evaluator takes a whole split (bank_size or num_queries 0).
 IMAGENET_VALIDATION_IMAGES = 50_000
@@ -40,8 +40,7 @@ def _split_images(config, split: str, limit: int = 0) -> int:
 
 
 def _roofline_s(compiled, devices, hbm_gbps: float) -> tuple[dict, float]:
-  cost = compiled.cost_analysis()
-  cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+  cost = aot.cost_analysis(compiled)
   flop, moved = cost.get("flops", 0.0), cost.get("bytes accessed", 0.0)  # per device
   seconds = max(flop / (flops.peak_tflops(devices[0]) * 1e12), moved / (hbm_gbps * 1e9))
   return {"gflop_per_chip": round(flop / 1e9, 3), "gb_accessed_per_chip": round(moved / 1e9, 4),
@@ -91,7 +90,6 @@ def evaluator_report(config, name: str, devices, hbm_gbps: float, step_s: float 
   compile_s = time.perf_counter() - t0
   every = config_evals.interval_steps(ev, num_images, config.batch_size)
   if step_s is None:
-    from ddae_jax.perf import aot  # the step's own compile (minutes for ViT-B)
     lowered, _, _ = aot.lower_step(config, "main", devices)
     _, step_s = _roofline_s(lowered.compile(), devices, hbm_gbps)
   train_s = every * step_s

@@ -5,24 +5,15 @@ The library of `python -m ddae_jax.bench`; its usage and options: ddae_jax/bench
 
 from __future__ import annotations
 
-import json
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import flags
-from ml_collections import config_flags
 
 from ddae_jax import sharding
 from ddae_jax import train_step as ts
 from ddae_jax.perf import flops
-
-FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Pretraining config file.", lock_config=True)
-flags.DEFINE_integer("steps", 30, "Timed steps.")
-flags.DEFINE_integer("warmup", 5, "Untimed steps after compilation.")
-flags.DEFINE_string("sweep", "", "Comma-separated batch sizes; reports the largest that fits.")
 
 
 def synthetic_batch(config, mesh):
@@ -91,28 +82,7 @@ def run_once(config, steps: int, warmup: int) -> dict:
   }
 
 
-def _is_oom(err: Exception) -> bool:
+def is_oom(err: Exception) -> bool:
   text = str(err)
   return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "OOM" in text
-
-
-def main(argv):
-  del argv
-  config = FLAGS.config
-  if not FLAGS.sweep:
-    print(json.dumps(run_once(config, FLAGS.steps, FLAGS.warmup)), flush=True)
-    return
-  largest = None
-  for batch in sorted(int(b) for b in FLAGS.sweep.split(",")):
-    with config.unlocked():
-      config.batch_size = batch
-    try:
-      print(json.dumps(run_once(config, FLAGS.steps, FLAGS.warmup)), flush=True)
-      largest = batch
-    except Exception as err:  # noqa: BLE001 - only out-of-memory ends a sweep quietly
-      if not _is_oom(err):
-        raise
-      print(json.dumps({"batch": batch, "fits": False}), flush=True)
-      break
-  print(json.dumps({"largest_batch_that_fits": largest}), flush=True)
 

@@ -7,22 +7,12 @@ from __future__ import annotations
 
 import concurrent.futures
 import io
-import json
-import math
-import os
 import time
 
 import numpy as np
-from absl import flags
 from PIL import Image
 
 from ddae_jax.data import augment
-
-FLAGS = flags.FLAGS
-flags.DEFINE_integer("images", 512, "JPEGs to make and decode per measurement.")
-flags.DEFINE_string("threads", "1,2", "Comma-separated thread counts.")
-flags.DEFINE_integer("size", 224, "Crop size.")
-flags.DEFINE_float("step_images_per_s", 0.0, "Train-step rate to size the host for.")
 
 
 def make_jpegs(n: int, seed: int = 0, width: int = 500, height: int = 375) -> list[bytes]:
@@ -47,22 +37,4 @@ def measure(jpegs: list[bytes], threads: int, size: int) -> float:
     t = time.perf_counter()
     list(pool.map(view, range(len(jpegs))))
     return len(jpegs) / (time.perf_counter() - t)
-
-
-def main(argv):
-  del argv
-  jpegs = make_jpegs(FLAGS.images)
-  per_core = None
-  for threads in (int(t) for t in FLAGS.threads.split(",")):
-    rate = measure(jpegs, threads, FLAGS.size)
-    if threads == 1:
-      per_core = rate
-    row = {"threads": threads, "images_per_s": round(rate, 1),
-           "images_per_s_per_thread": round(rate / threads, 1),
-           "host_cores": os.cpu_count(), "jpeg_bytes_mean": int(np.mean([len(j) for j in jpegs]))}
-    print(json.dumps(row), flush=True)
-  if FLAGS.step_images_per_s and per_core:
-    print(json.dumps({"step_images_per_s": FLAGS.step_images_per_s,
-                      "host_cores_needed": math.ceil(FLAGS.step_images_per_s / per_core)}),
-          flush=True)
 
