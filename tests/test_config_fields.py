@@ -11,7 +11,7 @@ import ml_collections
 import pytest
 from helpers import load
 
-from ddae_jax import config_lib, train
+from ddae_jax import config_checks, train
 
 # Fields this run cannot read, each with the reason.
 NOT_READ_BY_DDAE = {
@@ -76,7 +76,7 @@ def test_every_pretraining_field_is_read(tmp_path, monkeypatch):
 
   monkeypatch.setattr(ml_collections.ConfigDict, "__getitem__", recording_getitem)
   # Checking or writing down a field is not using it.
-  monkeypatch.setattr(config_lib, "validate", pausing(config_lib.validate))
+  monkeypatch.setattr(config_checks, "validate", pausing(config_checks.validate))
   monkeypatch.setattr(ml_collections.ConfigDict, "to_dict",
                       pausing(ml_collections.ConfigDict.to_dict))
   monkeypatch.setattr(ml_collections.ConfigDict, "to_json_best_effort",

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddae_jax import config_checks, config_lib, runtime, sharding
+from ddae_jax import config_attention, config_checks, config_lib, runtime, sharding
 from ddae_jax import train_step as ts
 from ddae_jax.evaluation import config as eval_config
 from ddae_jax.evaluation import finetune
@@ -267,6 +267,9 @@ def report(config, binary: str, s: Slice, devices, margin: float,
   flop = cost.get("flops", 0.0) / per_chip_batch  # the cost model is per device
   moved = cost.get("bytes accessed", 0.0) / per_chip_batch
   analytic = analytic_flops_per_image(config, derived)
+  # What the compiled step runs on the slice (the config's "auto" resolved for it).
+  attention_impl = (derived.attention_impl if derived is not None
+                    else config_attention.attention_impl(config, devices[0].platform))
   floor = fused_floor = None
   if derived is not None:
     floor = flops.floor_bytes_per_image(config, derived, per_chip_batch)
@@ -281,7 +284,7 @@ def report(config, binary: str, s: Slice, devices, margin: float,
       "chip": devices[0].device_kind, "chips": s.chips, "hosts": s.hosts,
       "devices": len(devices), "mesh": dict(mesh.shape),
       "batch": config.batch_size, "per_chip_batch": per_chip_batch,
-      "attention_impl": config.model.attention_impl, "dtype": config.model.dtype,
+      "attention_impl": attention_impl or "", "dtype": config.model.dtype,
       "remat": bool(config.model.get("remat", False)),
       "argument_gb": gb(mem.argument_size_in_bytes), "output_gb": gb(mem.output_size_in_bytes),
       "alias_gb": gb(mem.alias_size_in_bytes), "temp_gb": gb(mem.temp_size_in_bytes),
