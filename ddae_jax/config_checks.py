@@ -343,7 +343,7 @@ def validate(config, num_devices: int | None = None) -> None:
 def check_evals(config, num_devices: int | None = None) -> None:
   """Checks every evaluator of config.evals; raises ConfigError naming `evals.<name>.<field>`."""
   reference = config_evals.knn(1.0, 1, "test", 0, 1)
-  depth = VIT_SIZES[config.model.size][1]
+  depth = config_lib.encoder_dims(config)[1]
   for name, ev in config.get("evals", {}).items():
     f = f"evals.{name}"
     if not isinstance(ev, (ml_collections.ConfigDict, dict)):

@@ -27,7 +27,7 @@ from etils import epath
 
 from ddae_jax import config_attention, config_lib, sharding
 from ddae_jax.evaluation import readout
-from ddae_jax.models.vit import VIT_SIZES, ViTEncoder, sincos_pos_embed
+from ddae_jax.models.vit import ViTEncoder, sincos_pos_embed
 from ddae_jax.objectives.ddae import layer_norm
 from ddae_jax.weights import checkpoints, pretrained, torch_vit
 
@@ -94,7 +94,7 @@ def classifier_from_config(config, num_classes: int | None = None,
                            platform: str | None = None) -> ViTClassifier:
   """The evaluation config's classifier; its attention follows `platform` (default jax's)."""
   m = config.model
-  width, depth, heads = VIT_SIZES[m.size]
+  width, depth, heads = config_lib.encoder_dims(config)
   return ViTClassifier(
       patch_size=m.patch_size, width=width, depth=depth, num_heads=heads,
       num_classes=num_classes or m.num_classes, pooling=m.pooling,
@@ -109,7 +109,7 @@ def frozen_readout(config) -> tuple[int, str]:
   run in config.init_dir (its config.json); a random encoder, or a run
   without one, follows DDAE's.
   """
-  depth = VIT_SIZES[config.model.size][1]
+  depth = config_lib.encoder_dims(config)[1]
   saved = None
   if not config.random_init and config.init_dir and (
       config.model.get("block", 0) == 0 or config.model.pooling == "auto"):

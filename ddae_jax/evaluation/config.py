@@ -226,7 +226,7 @@ def check(config, num_devices: int | None = None, require_init_dir: bool = False
   if require_init_dir and not config.init_dir:
     fail("init_dir", config.init_dir, "a pretraining workdir (--config.init_dir=DIR)")
   m = config.model
-  depth = VIT_SIZES[m.size][1]
+  depth = config_lib.encoder_dims(config)[1]
   block = m.get("block", 0)  # .get: configs written before the field existed
   if config.protocol == "finetune":
     if m.pooling == "auto":

@@ -15,7 +15,6 @@ import optax
 from ddae_jax import config_lib, optim, runtime, sharding
 from ddae_jax.data.normalize import normalize_images
 from ddae_jax.evaluation import classifier, input_pipeline, loop, mixup, scoring
-from ddae_jax.models.vit import VIT_SIZES
 
 
 def make_optimizer(config, params, steps: config_lib.Steps
@@ -24,7 +23,7 @@ def make_optimizer(config, params, steps: config_lib.Steps
   then cosine to min_lr over `steps`)."""
   o = config.optim
   schedule = optim.lr_schedule(config, steps)
-  depth = VIT_SIZES[config.model.size][1]
+  depth = config_lib.encoder_dims(config)[1]
   return optim.adamw_layer_decay(schedule, params, depth, o.layer_decay, o.weight_decay,
                                       o.b1, o.b2, o.grad_clip_norm), schedule
 

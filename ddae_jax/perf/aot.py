@@ -21,7 +21,7 @@ from ddae_jax import config_attention, config_checks, config_lib, runtime, shard
 from ddae_jax import train_step as ts
 from ddae_jax.evaluation import config as eval_config
 from ddae_jax.evaluation import finetune
-from ddae_jax.models.vit import VIT_SIZES, Block
+from ddae_jax.models.vit import Block
 from ddae_jax.perf import flops
 
 
@@ -372,7 +372,7 @@ def analytic_flops_per_image(config, derived: config_lib.Derived | None) -> floa
   a classifier's 3x forward (None)."""
   if derived is not None:
     return flops.train_flops_per_image(config, derived)["total"]
-  width, depth, _ = VIT_SIZES[config.model.size]
+  width, depth, _ = config_lib.encoder_dims(config)
   n = (config.model.image_size // config.model.patch_size) ** 2
   return 3 * flops.encoder_forward_flops(n + 1, width, depth, config.model.patch_size ** 2 * 3)
 
