@@ -59,6 +59,7 @@ class KnnEvaluator:
     name: the evaluator's key in config.evals (its metrics' prefix).
     every: steps between evaluations (0: never).
     block, pooling: what it reads (evaluation/readout.py).
+    embed: jitted (state, batch) -> unit-norm features (perf/aot_evals.py compiles it).
   """
 
   def __init__(self, name: str, ev, config, method, mesh, num_images: int):
@@ -79,7 +80,7 @@ class KnnEvaluator:
       with attention.kernel_mesh(mesh, sharding.BATCH_AXES):  # as the train step traces
         return knn.embed(encoder, self.pooling, params, batch)
 
-    self._embed = jax.jit(embed, out_shardings=self.batch_spec)
+    self.embed = jax.jit(embed, out_shardings=self.batch_spec)
     self._concat = jax.jit(lambda parts: jax.tree.map(lambda *x: jnp.concatenate(x), *parts),
                            out_shardings=self.batch_spec)
     self._score = None  # jitted on the first pass, once the number of classes is known
@@ -129,14 +130,14 @@ class KnnEvaluator:
     for batch in batches:
       if stop():
         return None
-      parts.append(self._embed(state, batch))
+      parts.append(self.embed(state, batch))
     bank = self._concat(parts)
     if self._score is None:
       classes = ev.num_classes or int(jax.device_get(bank["label"].max())) + 1
       self._score = jax.jit(functools.partial(knn.knn_sums, ev.k, ev.temperature, classes),
                             out_shardings=sharding.replicated(self.mesh))
     _, queries = self._batches(ev.query_split, ev.num_queries)
-    return scoring.accumulate(lambda b: self._score(bank, self._embed(state, b)), queries,
+    return scoring.accumulate(lambda b: self._score(bank, self.embed(state, b)), queries,
                               stop=stop)
 
 

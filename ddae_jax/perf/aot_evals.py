@@ -71,7 +71,7 @@ def evaluator_report(config, name: str, devices, hbm_gbps: float, step_s: float 
     arg = {"image": jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8, sharding=spec),
            "label": jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=spec),
            "mask": jax.ShapeDtypeStruct((batch,), jnp.bool_, sharding=spec)}
-    row, seconds = _roofline_s(evaluator._embed.lower(state, arg).compile(), devices, hbm_gbps)
+    row, seconds = _roofline_s(evaluator.embed.lower(state, arg).compile(), devices, hbm_gbps)
     parts[f"embed_{role}"] = dict(row, batch=batch, batches=batches)
     total_s += batches * seconds
     sets[role] = (images, batches, batch)
