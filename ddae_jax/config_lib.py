@@ -383,9 +383,9 @@ def total_steps(config, num_images: int | None = None) -> int:
 def check_steps(config, num_images: int | None = None) -> None:
   """Raises ConfigError unless the run has steps and its cosine decay has at least one.
 
-  Steps depend on the dataset's size, so this runs where the schedule is made
-  (optim.lr_schedule, every protocol), not in config_checks.validate. Without it
-  optax stops with "cosine_decay_schedule requires positive decay_steps".
+  Steps depend on the dataset's size, so this runs where a run resolves them (`resolve`,
+  evaluation/loop.resolve_steps), not in config_checks.validate. Without it optax stops with
+  "cosine_decay_schedule requires positive decay_steps".
   """
   n = config.num_train_images if num_images is None else num_images
   fixed = config.get("num_steps", 0) > 0
@@ -430,8 +430,12 @@ class Steps:
 
 
 def steps(config, num_images: int | None = None) -> Steps:
-  """The step arithmetic of `config` over `num_images` (None: config.num_train_images);
-  `check_steps` says whether it makes a schedule."""
+  """The step arithmetic of `config` over `num_images` (None: config.num_train_images).
+
+  Plain arithmetic, so the schedules that need no decay (eq. 4's momentum, the
+  distillation ramp) can be computed for any config; `check_steps` says whether it
+  makes a learning-rate schedule.
+  """
   n = config.num_train_images if num_images is None else int(num_images)
   return Steps(num_images=n, batch_size=int(config.batch_size),
                total=total_steps(config, n),
@@ -488,7 +492,11 @@ def resolve(config, platform: str | None = None, num_images: int | None = None) 
   Args:
     platform: the backend the step compiles for (None: jax's default backend).
     num_images: the train set's size, which epochs count (None: config.num_train_images).
+
+  Raises:
+    ConfigError: the steps make no learning-rate schedule (`check_steps`).
   """
+  check_steps(config, num_images)
   width, depth, heads = encoder_dims(config)
   grid = grid_size(config)
   platform = platform or jax.default_backend()

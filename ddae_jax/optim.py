@@ -65,9 +65,8 @@ def warmup_cosine(peak: float, warmup_steps: int, total_steps: int,
 
 def lr_schedule(config, steps: config_lib.Steps) -> optax.Schedule:
   """Linear warm-up to base_lr * batch / 256, then cosine decay to min_lr (every protocol),
-  over the run's steps; a run without a step to decay over stops here with a ConfigError
-  naming the fields (config_lib.check_steps)."""
-  config_lib.check_steps(config, steps.num_images)
+  over the run's steps (checked to have a step of decay where the run resolved them:
+  config_lib.resolve, evaluation/loop.resolve_steps)."""
   return warmup_cosine(steps.peak_lr, steps.warmup, steps.total, config.optim.min_lr)
 
 

@@ -123,8 +123,8 @@ def test_a_schedule_without_decay_steps_names_epochs_and_warmup(builder):
     c = eval_config.quickstart(eval_config.BUILDERS[builder]("tiny"))
   c.batch_size, c.optim.warmup_epochs = 64, 1.0
   c.epochs = 1.004  # validate passes (warm-up < epochs); in steps both are 23 over 1,497 images
-  with pytest.raises(config_lib.ConfigError) as err:
-    optim.lr_schedule(c, config_lib.steps(c, 1497))
+  with pytest.raises(config_lib.ConfigError) as err:  # where a run resolves its steps
+    config_lib.check_steps(c, 1497)
   message = str(err.value)
   assert "\n" not in message
   assert ("config.optim.warmup_epochs = 1.0 (23 steps) is not shorter than config.epochs = "
@@ -135,13 +135,12 @@ def test_a_schedule_without_decay_steps_names_epochs_and_warmup(builder):
   with pytest.raises(config_lib.ConfigError, match=r"config.epochs = 0.01 is invalid: allowed "
                      r"at least 0.0214 \(one step over 1,497 images at batch 64\); 0.01 epochs "
                      r"round to 0 steps"):
-    optim.lr_schedule(c, config_lib.steps(c, 1497))
+    config_lib.check_steps(c, 1497)
 
 
 def test_a_fixed_number_of_steps_shorter_than_the_warm_up_is_refused():
-  from ddae_jax import optim
   c = load(os.path.join(REPO, "configs", "vitb.py"), "smoke")
   c.optim.warmup_epochs = 0.001  # 160 steps of ImageNet at batch 8 > num_steps = 20
   with pytest.raises(config_lib.ConfigError, match=r"warmup_epochs = 0.001 \(160 steps\) is not "
                      r"shorter than config.num_steps = 20: .* raise config.num_steps or lower"):
-    optim.lr_schedule(c, config_lib.steps(c, 1_281_167))
+    config_lib.resolve(c, "cpu", 1_281_167)  # pretraining's one resolution checks

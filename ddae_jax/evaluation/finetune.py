@@ -70,7 +70,7 @@ def make_step(config, mesh, batch_spec, steps: config_lib.Steps | None = None) -
   size = config.model.image_size
   init_params = lambda rng: model.init({"params": rng}, jnp.zeros((1, size, size, 3)))["params"]
   abstract_params = jax.eval_shape(init_params, jax.random.PRNGKey(0))
-  tx, schedule = make_optimizer(config, abstract_params, steps or config_lib.steps(config))
+  tx, schedule = make_optimizer(config, abstract_params, steps or loop.resolve_steps(config))
 
   def init_state(rng, encoder_params):
     param_rng, step_rng = jax.random.split(rng)

@@ -54,7 +54,7 @@ def build(config, devices=None, steps: config_lib.Steps | None = None):
   head = classifier.ProbeHead(config.model.num_classes)
   width = encoder.width
   o = config.optim
-  schedule = optim.lr_schedule(config, steps or config_lib.steps(config))
+  schedule = optim.lr_schedule(config, steps or loop.resolve_steps(config))
   tx = optim.lars(schedule, o.momentum, o.weight_decay, o.trust_coefficient)
 
   def init_state(rng):

@@ -34,6 +34,13 @@ def setup(config, devices=None):
   return mesh, sharding.batch_sharding(mesh)
 
 
+def resolve_steps(config, num_images: int | None = None) -> config_lib.Steps:
+  """A protocol's step arithmetic over `num_images` (None: config.num_train_images), once
+  per run; a ConfigError naming epochs and warmup_epochs where they make no schedule."""
+  config_lib.check_steps(config, num_images)
+  return config_lib.steps(config, num_images)
+
+
 def run(config, workdir, build, view) -> dict:
   """A protocol end to end: its train source, `build(config, steps=the run's Steps)`
   (-> runtime.Built with state, shardings, step, eval_step, batch_sharding), training views from
@@ -43,8 +50,7 @@ def run(config, workdir, build, view) -> dict:
                                jax.process_index(), jax.process_count(),
                                split=config.data.train_split)
   # Before the encoder is restored (minutes for a large one from gs://).
-  config_lib.check_steps(config, source.num_examples)
-  steps = config_lib.steps(config, source.num_examples)  # the run's step arithmetic, once
+  steps = resolve_steps(config, source.num_examples)
   built = build(config, steps=steps)
   batch_spec = built.batch_sharding
 
